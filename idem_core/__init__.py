@@ -1,0 +1,51 @@
+"""idem-core: make any operation safe to retry."""
+
+from __future__ import annotations
+
+from .clock import Clock, ManualClock, SkewedClock, system_clock
+from .errors import (
+    AlreadyInProgress,
+    ConfigurationError,
+    CorruptRecord,
+    IdempotencyError,
+    KeyMissing,
+    LeaseLost,
+    PayloadMismatch,
+    ReplayedError,
+    ResultNotSerializable,
+    StoreUnavailable,
+)
+from .record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, Record, Status
+from .registry import open_async_store, open_store, register
+from .store import AsyncStore, Backend, Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RELEASED",
+    "AlreadyInProgress",
+    "AsyncStore",
+    "Backend",
+    "ClaimOutcome",
+    "ClaimRequest",
+    "ClaimResult",
+    "Clock",
+    "ConfigurationError",
+    "CorruptRecord",
+    "IdempotencyError",
+    "KeyMissing",
+    "LeaseLost",
+    "ManualClock",
+    "PayloadMismatch",
+    "Record",
+    "ReplayedError",
+    "ResultNotSerializable",
+    "SkewedClock",
+    "Status",
+    "Store",
+    "StoreUnavailable",
+    "open_async_store",
+    "open_store",
+    "register",
+    "system_clock",
+]

@@ -1,0 +1,213 @@
+"""``memory://``: the in-process store, and the reference the conformance suite runs on first.
+
+Thread-safe (one lock around each transition) and asyncio-safe (no awaits while it is held).
+Every operation is O(1): expired records are dropped when touched, and each write also looks
+at the few least recently written records, so memory does not grow with dead keys.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from . import machine
+from .clock import Clock, system_clock
+from .errors import ConfigurationError
+from .record import ClaimRequest, ClaimResult, Record
+from .registry import url_options
+
+_SWEEP = 2  # records examined for expiry per write
+_named: dict[str, MemoryStore] = {}
+_named_lock = threading.Lock()
+
+
+class MemoryStore:
+    """Records in a dict, judged by an injectable client clock."""
+
+    max_key_length = 1 << 16
+    server_clock = False
+
+    def __init__(self, *, clock: Clock = system_clock, max_size: int | None = None) -> None:
+        if max_size is not None and max_size < 1:
+            raise ConfigurationError("max_size must be at least 1")
+        self._clock = clock
+        self._max_size = max_size
+        self._records: dict[str, Record] = {}
+        self._lock = threading.Lock()
+        self._last_fence = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _put(self, record: Record, now: int) -> None:
+        records = self._records
+        # Re-inserting keeps the dict ordered by last write, oldest first.
+        records.pop(record.key, None)
+        records[record.key] = record
+        for _ in range(_SWEEP):
+            oldest = next(iter(records.values()))
+            if oldest.expires_at > now or oldest is record:
+                break
+            del records[oldest.key]
+        if self._max_size is not None and len(records) > self._max_size:
+            del records[next(iter(records))]
+
+    def _live(self, key: str, now: int) -> Record | None:
+        rec = self._records.get(key)
+        if rec is not None and rec.expires_at <= now:
+            return None
+        return rec
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        with self._lock:
+            now = self._clock()
+            decision = machine.decide_claim(
+                self._records.get(request.key), request, now, self._last_fence + 1
+            )
+            if decision.write is not None:
+                self._last_fence = decision.write.fence
+                self._put(decision.write, now)
+            return decision.result
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        return [self.claim(r) for r in requests]
+
+    def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        if with_items:
+            raise ConfigurationError("memory:// cannot commit with_items with a result")
+        with self._lock:
+            now = self._clock()
+            current = self._records.get(key)
+            if machine.holds(current, fence, now):
+                assert current is not None
+                rec = machine.completed(current, result, ttl, now)
+                self._put(rec, now)
+                return rec
+            return machine.after_failed_complete(current, key, fence, now)
+
+    def release(self, key: str, fence: int) -> None:
+        with self._lock:
+            now = self._clock()
+            current = self._records.get(key)
+            if machine.holds(current, fence, now):
+                assert current is not None
+                self._put(machine.released(current, now), now)
+                return
+            machine.after_failed_release(current, key, fence, now)
+
+    def renew(self, key: str, fence: int, lease: float) -> Record:
+        with self._lock:
+            now = self._clock()
+            current = self._records.get(key)
+            if machine.holds(current, fence, now):
+                assert current is not None
+                rec = machine.renewed(current, lease, now)
+                self._put(rec, now)
+                return rec
+            return machine.after_failed_renew(current, key, fence, now)
+
+    def get(self, key: str) -> Record | None:
+        with self._lock:
+            return self._live(key, self._clock())
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._records.pop(key, None)
+
+    def now(self) -> int:
+        return self._clock()
+
+    def close(self) -> None:
+        pass
+
+    def async_twin(self) -> AsyncMemoryStore:
+        """An asyncio view of the same records."""
+        return AsyncMemoryStore(self)
+
+
+class AsyncMemoryStore:
+    """The asyncio twin: the same records and lock, with nothing to await."""
+
+    max_key_length = MemoryStore.max_key_length
+    server_clock = False
+
+    def __init__(self, store: MemoryStore | None = None, **options: Any) -> None:
+        self.sync = store if store is not None else MemoryStore(**options)
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        return self.sync.claim(request)
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        return self.sync.claim_many(requests)
+
+    async def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        return self.sync.complete(key, fence, result, ttl, with_items=with_items)
+
+    async def release(self, key: str, fence: int) -> None:
+        self.sync.release(key, fence)
+
+    async def renew(self, key: str, fence: int, lease: float) -> Record:
+        return self.sync.renew(key, fence, lease)
+
+    async def get(self, key: str) -> Record | None:
+        return self.sync.get(key)
+
+    async def delete(self, key: str) -> None:
+        self.sync.delete(key)
+
+    async def now(self) -> int:
+        return self.sync.now()
+
+    async def close(self) -> None:
+        pass
+
+
+class MemoryBackend:
+    """``memory://`` is private to the Idempotency that opens it; ``memory://NAME`` is shared
+    by every opener in the process. ``?max_size=N`` bounds the number of records."""
+
+    extra = ""
+
+    def open(self, url: str, *, client: Any = None, **options: Any) -> MemoryStore:
+        if isinstance(client, MemoryStore):
+            return client
+        name = urlsplit(url).netloc
+        opts: dict[str, Any] = {}
+        if "max_size" in (q := url_options(url)):
+            try:
+                opts["max_size"] = int(q["max_size"])
+            except ValueError as exc:
+                raise ConfigurationError(f"max_size must be an integer: {url!r}") from exc
+        opts.update(options)
+        if not name:
+            return MemoryStore(**opts)
+        with _named_lock:
+            if name not in _named:
+                _named[name] = MemoryStore(**opts)
+            return _named[name]
+
+    def open_async(self, url: str, *, client: Any = None, **options: Any) -> AsyncMemoryStore:
+        if isinstance(client, AsyncMemoryStore):
+            return client
+        return AsyncMemoryStore(self.open(url, client=client, **options))
+
+
+BACKEND = MemoryBackend()
