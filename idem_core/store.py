@@ -119,6 +119,25 @@ class AsyncStore(Protocol):
     async def close(self) -> None: ...
 
 
+# Optional capabilities. The core looks for these by name and works without them:
+#
+# ``bind(connection) -> Store``: a view of the store that runs inside the caller's own
+#     connection and transaction (SQL), so the result commits with the business writes.
+# ``setup() -> str``: create tables/indexes/TTL settings; returns what it did (``idem setup``).
+# ``purge_expired(batch: int = 1000) -> int``: delete expired records in bounded batches
+#     (``idem purge``); stores that expire records themselves do not have it.
+# ``diagnostics() -> dict[str, object]``: facts for ``idem check`` (server version, key schema,
+#     whether TTL is on, which claim path the server takes...).
+# ``wait_for_change(key, fence, timeout) -> None``: return once ``key`` is no longer held with
+#     ``fence`` (completed, released, expired, taken over) or after ``timeout`` seconds; may
+#     return early. Subscribe first, then re-read, so a change in between is not missed. The
+#     core polls with backoff when a store lacks it.
+# ``async_twin() -> AsyncStore``: an asyncio view of the same data (in-process stores).
+#
+# Stores must also be safe after ``os.fork()``: a child opens its own connections instead of
+# using the parent's sockets.
+
+
 class Backend(Protocol):
     """What the ``idem_core.stores`` entry point of a URL scheme names.
 
