@@ -61,7 +61,7 @@ class Record(msgspec.Struct, frozen=True, gc=False):
 
 
 class ClaimRequest(msgspec.Struct, frozen=True, gc=False):
-    """A claim: ``attempt`` is unique per call, so a retried claim that was applied is recognised."""
+    """A claim. ``attempt`` is unique per call: a retried claim that was applied is recognised."""
 
     key: str
     fingerprint: str
