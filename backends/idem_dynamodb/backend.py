@@ -1,0 +1,33 @@
+"""``dynamodb://TABLE?...``: the entry point of the DynamoDB store.
+
+URL options (keyword options of ``open``/``open_async`` override them): ``region``,
+``endpoint_url``, ``profile``, ``key_attr`` (partition key, default ``pk``), ``sort_key`` and
+``namespace`` (a shared table: the partition holds ``namespace``, the sort key the idempotency
+key), ``ttl_attr`` (default ``ttl``), ``connect_timeout``, ``read_timeout``, ``retry_mode``
+(``standard``/``adaptive``/``legacy``), ``max_attempts``, ``skew`` (seconds, default 1),
+``compress_above`` (bytes, default 65536, ``off`` to disable), ``pool_size``; and as keyword
+only, ``clock`` (an :class:`idem_core.clock.Clock`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .aio import AsyncDynamoDBStore
+from .settings import parse
+from .store import DynamoDBStore
+
+
+class DynamoDBBackend:
+    extra = "dynamodb"
+
+    def open(self, url: str, *, client: Any = None, **options: Any) -> DynamoDBStore:
+        """A boto3 client or session may be given as ``client``; a given client is never closed."""
+        return DynamoDBStore(parse(url, options), client)
+
+    def open_async(self, url: str, *, client: Any = None, **options: Any) -> AsyncDynamoDBStore:
+        """An aiobotocore client (entered) or an aiobotocore/aioboto3 session may be given."""
+        return AsyncDynamoDBStore(parse(url, options), client)
+
+
+BACKEND = DynamoDBBackend()
