@@ -1,0 +1,518 @@
+"""The SQL of each transition, per dialect, as driver-independent *programs*.
+
+A program is a generator that yields ``(statement, parameters)`` and is sent back the
+:class:`Rows` each statement produced; its return value is the operation's result. The sync
+and async stores run the same programs, so the SQL and its interpretation are written once.
+
+Only the write conditions (``takeable``, ``holds``) are translated into SQL; whatever a
+statement reads back is handed to :mod:`idem_core.machine` to interpret.
+
+Every statement reads the database's clock exactly once per statement: PostgreSQL's
+``statement_timestamp()``, SQLite's ``julianday('now')`` and MySQL's ``@@timestamp`` are all
+fixed for the duration of one statement.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import msgspec.structs
+from sqlalchemy import BigInteger, LargeBinary, String, Text, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import TextClause
+
+from idem_core import machine
+from idem_core.errors import CorruptRecord, StoreUnavailable
+from idem_core.record import ClaimOutcome, ClaimRequest, ClaimResult, Record, Status, micros
+
+from .schema import COLUMNS, check_identifier
+
+T = TypeVar("T")
+
+
+class Rows(NamedTuple):
+    rows: list[Sequence[Any]]
+    rowcount: int
+
+
+Step = tuple[TextClause, dict[str, Any]]
+Program = Generator[Step, Rows, T]
+
+# A claim that loses a race re-reads and decides again; more than this means something is
+# rewriting the key in a tight loop.
+_MAX_RACES = 16
+_IN_PROGRESS = Status.IN_PROGRESS.value
+_COMPLETED = Status.COMPLETED.value
+
+
+def decode(row: Sequence[Any]) -> Record:
+    """A Record from the ten columns of :data:`COLUMNS`, or ``CorruptRecord``."""
+    try:
+        key, status, fingerprint, fence, lease, expires, attempt, created, updated, result = row
+        if isinstance(key, bytes | bytearray):
+            key = bytes(key).decode()
+        if not (isinstance(key, str) and isinstance(fingerprint, str) and isinstance(attempt, str)):
+            raise TypeError("key, fingerprint and attempt must be text")
+        if result is not None:
+            result = bytes(result)
+        return Record(
+            key=key,
+            status=Status(status),
+            fingerprint=fingerprint,
+            fence=int(fence),
+            lease_expires_at=int(lease),
+            expires_at=int(expires),
+            attempt=attempt,
+            created_at=int(created),
+            updated_at=int(updated),
+            result=result,
+        )
+    except (TypeError, ValueError, UnicodeDecodeError) as exc:
+        key_text = row[0] if row else None
+        raise CorruptRecord(f"record {key_text!r} cannot be decoded: {exc}") from exc
+
+
+def _claim_params(request: ClaimRequest) -> dict[str, Any]:
+    return {
+        "key": request.key,
+        "fingerprint": request.fingerprint,
+        "attempt": request.attempt,
+        "lease": micros(request.lease),
+        "life": micros(max(request.lease, request.ttl)),
+    }
+
+
+def _previous(record: Record, status: Any, fence: Any, lease: Any, expires: Any) -> Record:
+    """The record a claim replaced, as far as the takeover rule needs it."""
+    return msgspec.structs.replace(
+        record,
+        status=Status(status),
+        fence=int(fence),
+        lease_expires_at=int(lease),
+        expires_at=int(expires),
+    )
+
+
+def _written(request: ClaimRequest, record: Record, previous: Record | None) -> ClaimResult:
+    outcome, _ = machine.new_claim(previous, request, record.created_at)
+    return ClaimResult(outcome, record)
+
+
+def _found(request: ClaimRequest, current: Record, now: int) -> ClaimResult | None:
+    """The result of a claim that wrote nothing, or None when it lost a race and must retry."""
+    if machine.takeable(current, now):
+        return None
+    return ClaimResult(machine.classify(current, request, now), current)
+
+
+class SQL:
+    """The statements of one table on one dialect."""
+
+    returning = True
+
+    def __init__(self, dialect: Dialect, table: str) -> None:
+        self.dialect = dialect
+        self.table = check_identifier(table)
+        quote = dialect.identifier_preparer.quote
+        self.t = quote(table)
+        self.c = {name: quote(name) for name in COLUMNS}
+        self.cols = ", ".join(self.c.values())
+        self.now = self.now_sql()
+        c, t, now = self.c, self.t, self.now
+        self.holds = (
+            f"{c['key']} = :key AND status = '{_IN_PROGRESS}' AND fence = :fence "
+            f"AND lease_expires_at <> 0 AND expires_at > {now}"
+        )
+        self.stmt_read = self._text(f"SELECT {self.cols}, {now} FROM {t} WHERE {c['key']} = :key")
+        self.stmt_get = self._text(
+            f"SELECT {self.cols} FROM {t} WHERE {c['key']} = :key AND expires_at > {now}"
+        )
+        self.stmt_delete = self._text(f"DELETE FROM {t} WHERE {c['key']} = :key")
+        self.stmt_now = self._text(f"SELECT {now}")
+        ret = f" RETURNING {self.cols}" if self.returning else ""
+        self.stmt_complete = self._text(
+            f"UPDATE {t} SET status = '{_COMPLETED}', result = :result, "
+            f"expires_at = {now} + :ttl, updated_at = {now} WHERE {self.holds}{ret}"
+        )
+        self.stmt_release = self._text(
+            f"UPDATE {t} SET lease_expires_at = 0, updated_at = {now} WHERE {self.holds}"
+        )
+        self.stmt_renew = self._text(
+            f"UPDATE {t} SET lease_expires_at = {now} + :lease, "
+            f"expires_at = {self.greatest('expires_at', f'{now} + :lease')}, "
+            f"updated_at = {now} WHERE {self.holds}{ret}"
+        )
+        self.stmt_purge = self._text(self.purge_sql())
+
+    # -- dialect hooks -------------------------------------------------------------------
+
+    def now_sql(self) -> str:
+        raise NotImplementedError
+
+    def greatest(self, a: str, b: str) -> str:
+        return f"GREATEST({a}, {b})"
+
+    def purge_sql(self) -> str:
+        c, t, now = self.c, self.t, self.now
+        return (
+            f"DELETE FROM {t} WHERE {c['key']} IN (SELECT {c['key']} FROM {t} "
+            f"WHERE expires_at <= {now} LIMIT :batch) AND expires_at <= {now}"
+        )
+
+    def _text(self, sql: str) -> TextClause:
+        return text(sql).bindparams(
+            *(
+                bindparam(name, type_=type_)
+                for name, type_ in _PARAM_TYPES.items()
+                if f":{name}" in _bind_names(sql)
+            )
+        )
+
+    # -- programs ------------------------------------------------------------------------
+
+    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+        raise NotImplementedError
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> Program[list[ClaimResult]]:
+        results = []
+        for request in requests:
+            results.append((yield from self.claim(request)))
+        return results
+
+    def read(self, key: str) -> Program[tuple[Record | None, int]]:
+        rows = (yield self.stmt_read, {"key": key}).rows
+        if rows:
+            return decode(rows[0][:10]), int(rows[0][10])
+        now = (yield self.stmt_now, {}).rows[0][0]
+        return None, int(now)
+
+    def complete(self, key: str, fence: int, result: bytes, ttl: float) -> Program[Record]:
+        params = {"key": key, "fence": fence, "result": result, "ttl": micros(ttl)}
+        done = yield self.stmt_complete, params
+        if self.returning and done.rows:
+            return decode(done.rows[0])
+        if not self.returning and done.rowcount == 1:
+            record, now = yield from self.read(key)
+            if record is not None and record.fence == fence:
+                return record
+        current, now = yield from self.read(key)
+        return machine.after_failed_complete(current, key, fence, now)
+
+    def release(self, key: str, fence: int) -> Program[None]:
+        done = yield self.stmt_release, {"key": key, "fence": fence}
+        if done.rowcount == 1:
+            return
+        current, now = yield from self.read(key)
+        machine.after_failed_release(current, key, fence, now)
+
+    def renew(self, key: str, fence: int, lease: float) -> Program[Record]:
+        done = yield self.stmt_renew, {"key": key, "fence": fence, "lease": micros(lease)}
+        if self.returning and done.rows:
+            return decode(done.rows[0])
+        if not self.returning and done.rowcount == 1:
+            record, _ = yield from self.read(key)
+            if record is not None and record.fence == fence:
+                return record
+        current, now = yield from self.read(key)
+        return machine.after_failed_renew(current, key, fence, now)
+
+    def get(self, key: str) -> Program[Record | None]:
+        rows = (yield self.stmt_get, {"key": key}).rows
+        return decode(rows[0]) if rows else None
+
+    def delete(self, key: str) -> Program[None]:
+        yield self.stmt_delete, {"key": key}
+
+    def now_program(self) -> Program[int]:
+        rows = (yield self.stmt_now, {}).rows
+        return int(rows[0][0])
+
+    def purge(self, batch: int) -> Program[int]:
+        total = 0
+        while True:
+            done = yield self.stmt_purge, {"batch": batch}
+            total += max(done.rowcount, 0)
+            if done.rowcount < batch:
+                return total
+
+    def _gave_up(self, key: str) -> StoreUnavailable:
+        return StoreUnavailable(f"claim on {key!r} lost {_MAX_RACES} races in a row")
+
+
+_PARAM_TYPES: dict[str, Any] = {
+    "key": String(),
+    "fingerprint": Text(),
+    "attempt": Text(),
+    "lease": BigInteger(),
+    "life": BigInteger(),
+    "fence": BigInteger(),
+    "ttl": BigInteger(),
+    "batch": BigInteger(),
+    "result": LargeBinary(),
+    "old_fence": BigInteger(),
+    "old_status": String(),
+    "old_lease": BigInteger(),
+    "old_expires": BigInteger(),
+    "keys": ARRAY(String()),
+    "fingerprints": ARRAY(Text()),
+    "attempts": ARRAY(Text()),
+    "leases": ARRAY(BigInteger()),
+    "lives": ARRAY(BigInteger()),
+}
+
+
+def _bind_names(sql: str) -> set[str]:
+    return {f":{m}" for m in re.findall(r"(?<![:\w]):(\w+)", sql)}
+
+
+class PostgresSQL(SQL):
+    """One statement per claim: the snapshot row, the upsert and the answer, in one CTE.
+
+    The upsert takes the row only if it is takeable *and* still the version the snapshot
+    read, so the snapshot row is exactly what was replaced (and tells CLAIMED from
+    TOOK_OVER). A replay writes nothing: the conflict's WHERE is false, no tuple is touched.
+    When a concurrent writer changed the row after the snapshot, nothing is written and
+    nothing takeable comes back; the claim runs again (the one case that costs a second).
+    """
+
+    def now_sql(self) -> str:
+        return "CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000000 AS BIGINT)"
+
+    def __init__(self, dialect: Dialect, table: str) -> None:
+        super().__init__(dialect, table)
+        c, t, now = self.c, self.t, self.now
+        r_cols = ", ".join(f"r.{name}" for name in self.c.values())
+        take = (
+            "(r.expires_at <= excluded.created_at OR "
+            f"(r.status = '{_IN_PROGRESS}' AND r.lease_expires_at <= excluded.created_at))"
+        )
+        on_conflict = (
+            f"ON CONFLICT ({c['key']}) DO UPDATE SET status = excluded.status, "
+            "fingerprint = excluded.fingerprint, fence = GREATEST(excluded.fence, r.fence + 1), "
+            "lease_expires_at = excluded.lease_expires_at, expires_at = excluded.expires_at, "
+            "attempt = excluded.attempt, created_at = excluded.created_at, "
+            "updated_at = excluded.updated_at, result = NULL "
+            f"WHERE {take} AND (r.fence, r.status, r.lease_expires_at, r.expires_at) = "
+        )
+        answer = (
+            f"SELECT true, ins.*, {now}, c.status, c.fence, c.lease_expires_at, c.expires_at "
+            "FROM ins LEFT JOIN cur c ON {join} "
+            f"UNION ALL SELECT false, cur.*, {now}, NULL, NULL, NULL, NULL FROM cur "
+            "WHERE NOT EXISTS (SELECT 1 FROM ins {where})"
+        )
+        self.stmt_claim = self._text(
+            f"WITH cur AS (SELECT {self.cols} FROM {t} WHERE {c['key']} = :key), "
+            f"ins AS (INSERT INTO {t} AS r ({self.cols}) VALUES (:key, '{_IN_PROGRESS}', "
+            f":fingerprint, {now}, {now} + :lease, {now} + :life, :attempt, {now}, {now}, NULL) "
+            f"{on_conflict}(SELECT fence, status, lease_expires_at, expires_at FROM cur) "
+            f"RETURNING {r_cols}) " + answer.format(join="true", where="")
+        )
+        self.stmt_claim_many = self._text(
+            "WITH req AS (SELECT * FROM unnest(CAST(:keys AS VARCHAR[]), "
+            "CAST(:fingerprints AS TEXT[]), CAST(:attempts AS TEXT[]), "
+            "CAST(:leases AS BIGINT[]), CAST(:lives AS BIGINT[])) AS q(k, fp, att, lease, life)), "
+            f"cur AS (SELECT {', '.join(f't.{n}' for n in self.c.values())} FROM {t} t "
+            f"JOIN req ON t.{c['key']} = req.k), "
+            f"ins AS (INSERT INTO {t} AS r ({self.cols}) SELECT k, '{_IN_PROGRESS}', fp, {now}, "
+            f"{now} + lease, {now} + life, att, {now}, {now}, NULL FROM req "
+            f"{on_conflict}(SELECT fence, status, lease_expires_at, expires_at FROM cur "
+            f"WHERE cur.{c['key']} = r.{c['key']}) RETURNING {r_cols}) "
+            + answer.format(
+                join=f"c.{c['key']} = ins.{c['key']}",
+                where=f"WHERE ins.{c['key']} = cur.{c['key']}",
+            )
+        )
+
+    def _interpret(self, request: ClaimRequest, row: Sequence[Any]) -> ClaimResult | None:
+        record = decode(row[1:11])
+        if row[0]:
+            previous = None if row[12] is None else _previous(record, *row[12:16])
+            return _written(request, record, previous)
+        return _found(request, record, int(row[11]))
+
+    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+        params = _claim_params(request)
+        for _ in range(_MAX_RACES):
+            rows = (yield self.stmt_claim, params).rows
+            if rows and (result := self._interpret(request, rows[0])) is not None:
+                return result
+        raise self._gave_up(request.key)
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> Program[list[ClaimResult]]:
+        if len({r.key for r in requests}) != len(requests) or len(requests) < 2:
+            # ON CONFLICT cannot touch one row twice in a statement; keep call order instead.
+            return (yield from super().claim_many(requests))
+        params = [_claim_params(r) for r in requests]
+        rows = (
+            yield self.stmt_claim_many,
+            {
+                "keys": [p["key"] for p in params],
+                "fingerprints": [p["fingerprint"] for p in params],
+                "attempts": [p["attempt"] for p in params],
+                "leases": [p["lease"] for p in params],
+                "lives": [p["life"] for p in params],
+            },
+        ).rows
+        by_key = {decode(row[1:11]).key: row for row in rows}
+        results = []
+        for request in requests:
+            row = by_key.get(request.key)
+            result = None if row is None else self._interpret(request, row)
+            if result is None:
+                result = yield from self.claim(request)
+            results.append(result)
+        return results
+
+
+class SQLiteSQL(SQL):
+    """SQLite has no data-modifying CTEs, so a claim is a short sequence of statements.
+
+    1. Insert, or overwrite an expired or released record (both are plain CLAIMED): one
+       statement for a first claim.
+    2. Nothing written: read the record. Not takeable: that is the answer (a replay writes
+       nothing).
+    3. Takeable (a lapsed lease): overwrite it only if it is still the version just read.
+    """
+
+    def now_sql(self) -> str:
+        return "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
+
+    def greatest(self, a: str, b: str) -> str:
+        return f"max({a}, {b})"
+
+    def __init__(self, dialect: Dialect, table: str) -> None:
+        super().__init__(dialect, table)
+        c, t, now = self.c, self.t, self.now
+        values = (
+            f"(:key, '{_IN_PROGRESS}', :fingerprint, {now}, {now} + :lease, {now} + :life, "
+            f":attempt, {now}, {now}, NULL)"
+        )
+        self.stmt_claim = self._text(
+            f"INSERT INTO {t} ({self.cols}) VALUES {values} "
+            f"ON CONFLICT ({c['key']}) DO UPDATE SET status = excluded.status, "
+            "fingerprint = excluded.fingerprint, fence = max(excluded.fence, fence + 1), "
+            "lease_expires_at = excluded.lease_expires_at, expires_at = excluded.expires_at, "
+            "attempt = excluded.attempt, created_at = excluded.created_at, "
+            "updated_at = excluded.updated_at, result = NULL "
+            f"WHERE expires_at <= excluded.created_at OR "
+            f"(status = '{_IN_PROGRESS}' AND lease_expires_at = 0) RETURNING {self.cols}"
+        )
+        self.stmt_take = self._text(
+            f"UPDATE {t} SET status = '{_IN_PROGRESS}', fingerprint = :fingerprint, "
+            f"fence = max({now}, fence + 1), lease_expires_at = {now} + :lease, "
+            f"expires_at = {now} + :life, attempt = :attempt, created_at = {now}, "
+            f"updated_at = {now}, result = NULL WHERE {c['key']} = :key "
+            "AND fence = :old_fence AND status = :old_status "
+            "AND lease_expires_at = :old_lease AND expires_at = :old_expires "
+            f"AND (expires_at <= {now} OR (status = '{_IN_PROGRESS}' "
+            f"AND lease_expires_at <= {now})) RETURNING {self.cols}"
+        )
+
+    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+        params = _claim_params(request)
+        for _ in range(_MAX_RACES):
+            rows = (yield self.stmt_claim, params).rows
+            if rows:
+                return ClaimResult(ClaimOutcome.CLAIMED, decode(rows[0]))
+            current, now = yield from self.read(request.key)
+            if current is None:
+                continue
+            if (found := _found(request, current, now)) is not None:
+                return found
+            taken = (
+                yield self.stmt_take,
+                {
+                    **params,
+                    "old_fence": current.fence,
+                    "old_status": current.status.value,
+                    "old_lease": current.lease_expires_at,
+                    "old_expires": current.expires_at,
+                },
+            ).rows
+            if taken:
+                return _written(request, decode(taken[0]), current)
+        raise self._gave_up(request.key)
+
+
+class MySQL(SQL):
+    """MySQL and MariaDB: an upsert that notes what it replaced in session variables, then
+    one read of the row and those variables: two round trips, whatever the outcome.
+
+    ``@idem_take`` is 2 when the row was inserted, 1 when a takeable row was overwritten,
+    0 when nothing was written; ``@idem_old`` holds the overwritten row's status, fence,
+    lease and expiry. Session variables belong to the connection, so they describe this
+    claim's upsert even if another session changes the row before the read.
+    """
+
+    returning = False
+
+    def now_sql(self) -> str:
+        return "CAST(ROUND(@@timestamp * 1000000) AS SIGNED)"
+
+    def purge_sql(self) -> str:
+        return (
+            f"DELETE FROM {self.t} WHERE expires_at <= {self.now} "
+            "ORDER BY expires_at LIMIT :batch"
+        )
+
+    def __init__(self, dialect: Dialect, table: str) -> None:
+        super().__init__(dialect, table)
+        c, t, now = self.c, self.t, self.now
+        take = (
+            "(expires_at <= VALUES(created_at) OR "
+            f"(status = '{_IN_PROGRESS}' AND lease_expires_at <= VALUES(created_at)))"
+        )
+        # Assignments run left to right and see earlier ones, so fence goes first: it is
+        # the one that reads the old status, lease and expiry.
+        sets = [
+            "fence = IF((@idem_old := CONCAT_WS(',', status, fence, lease_expires_at, "
+            f"expires_at)) IS NOT NULL AND (@idem_take := {take}), "
+            "GREATEST(VALUES(fence), fence + 1), fence)"
+        ]
+        for name in COLUMNS[1:]:
+            if name != "fence":
+                col = c[name]
+                sets.append(f"{col} = IF(@idem_take, VALUES({col}), {col})")
+        self.stmt_claim = self._text(
+            f"INSERT INTO {t} ({self.cols}) VALUES (:key, "
+            f"IF((@idem_take := 2) = 0, NULL, '{_IN_PROGRESS}'), :fingerprint, {now}, "
+            f"{now} + :lease, {now} + :life, :attempt, {now}, {now}, NULL) "
+            f"ON DUPLICATE KEY UPDATE {', '.join(sets)}"
+        )
+        self.stmt_claimed = self._text(
+            f"SELECT @idem_take, @idem_old, {self.cols}, {now} FROM {t} WHERE {c['key']} = :key"
+        )
+
+    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+        params = _claim_params(request)
+        for _ in range(_MAX_RACES):
+            yield self.stmt_claim, params
+            rows = (yield self.stmt_claimed, {"key": request.key}).rows
+            if not rows:
+                continue
+            take, old, *columns = rows[0]
+            record, now = decode(columns[:10]), int(columns[10])
+            ours = record.attempt == request.attempt and record.status is Status.IN_PROGRESS
+            if ours and take is not None and int(take) == 2:
+                return ClaimResult(ClaimOutcome.CLAIMED, record)
+            if ours and take is not None and int(take) == 1:
+                if isinstance(old, bytes | bytearray):
+                    old = bytes(old).decode()
+                return _written(request, record, _previous(record, *str(old).split(",")))
+            if (found := _found(request, record, now)) is not None:
+                return found
+        raise self._gave_up(request.key)
+
+
+def sql_for(dialect: Dialect, table: str) -> SQL:
+    name = dialect.name
+    if name == "postgresql":
+        return PostgresSQL(dialect, table)
+    if name == "sqlite":
+        return SQLiteSQL(dialect, table)
+    if name in ("mysql", "mariadb"):
+        return MySQL(dialect, table)
+    raise StoreUnavailable(f"idem_sql does not support the {name!r} dialect")

@@ -1,0 +1,513 @@
+"""The sync and async SQL stores: they run :mod:`idem_sql.ops` programs on a connection.
+
+Our own engines run in the driver's autocommit mode, so each statement commits on the server
+with no BEGIN/COMMIT round trips, and never roll back on check-in. A store bound to the
+caller's connection (:meth:`SQLStore.bind`) runs inside the caller's transaction instead.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import MetaData, Table, inspect
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from idem_core.errors import ConfigurationError, StoreUnavailable
+from idem_core.record import ClaimRequest, ClaimResult, Record
+
+from .ops import SQL, Program, Rows
+from .schema import MAX_KEY_LENGTH, records_table
+
+T = TypeVar("T")
+
+_MISSING_TABLE = ("no such table", "does not exist", "doesn't exist", "undefinedtable")
+
+# Engines this package created: a forked child drops their pooled connections (the parent
+# still uses those sockets) and opens its own.
+_owned: weakref.WeakSet[Engine] = weakref.WeakSet()
+_owned_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_owned):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def own(engine: Engine) -> None:
+    with _owned_lock:
+        _owned.add(engine)
+
+
+def _step(program: Program[T], rows: Rows | None) -> tuple[Any, T | None, bool]:
+    try:
+        step = next(program) if rows is None else program.send(rows)
+    except StopIteration as stop:
+        return None, stop.value, True
+    return step, None, False
+
+
+def run_sync(conn: Connection, program: Program[T]) -> T:
+    step, value, done = _step(program, None)
+    while not done:
+        stmt, params = step
+        result = conn.execute(stmt, params)
+        rows = Rows(list(result.fetchall()) if result.returns_rows else [], result.rowcount)
+        step, value, done = _step(program, rows)
+    return value  # type: ignore[return-value]
+
+
+async def run_async(conn: AsyncConnection, program: Program[T]) -> T:
+    step, value, done = _step(program, None)
+    while not done:
+        stmt, params = step
+        result = await conn.execute(stmt, params)
+        rows = Rows(list(result.fetchall()) if result.returns_rows else [], result.rowcount)
+        step, value, done = _step(program, rows)
+    return value  # type: ignore[return-value]
+
+
+def unavailable(exc: BaseException, where: str) -> StoreUnavailable:
+    detail = getattr(exc, "orig", None) or exc
+    return StoreUnavailable(f"{where}: {type(detail).__name__}: {detail}".strip())
+
+
+def missing_table(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _MISSING_TABLE)
+
+
+def retryable(exc: DBAPIError) -> bool:
+    """A dropped connection: every program is safe to run again (claims carry their
+    ``attempt``, and a repeated complete/release/renew is recognised by the core)."""
+    return bool(exc.connection_invalidated)
+
+
+class _Common:
+    max_key_length = MAX_KEY_LENGTH
+    server_clock = True
+
+    def __init__(self, sql: SQL, *, create: bool, bound: bool, label: str) -> None:
+        self.sql = sql
+        self._create = create and not bound
+        self._bound = bound
+        self._label = label
+        self.table: Table = records_table(MetaData(), sql.table)
+
+    def _setup_result(self, existed: bool) -> str:
+        if existed:
+            return f"table {self.sql.table} already exists; ensured its indexes"
+        return f"created table {self.sql.table} and index on expires_at"
+
+    def _diagnostics(self, version: Any) -> dict[str, object]:
+        claim_path = {
+            "postgresql": "one statement (CTE: snapshot read + INSERT ON CONFLICT RETURNING)",
+            "sqlite": "INSERT ON CONFLICT RETURNING; a replay reads once more",
+            "mysql": "INSERT ON DUPLICATE KEY UPDATE + one read",
+            "mariadb": "INSERT ON DUPLICATE KEY UPDATE + one read",
+        }.get(self.sql.dialect.name, "?")
+        return {
+            "dialect": self.sql.dialect.name,
+            "driver": self.sql.dialect.driver,
+            "server_version": version,
+            "table": self.sql.table,
+            "max_key_length": MAX_KEY_LENGTH,
+            "claim_path": claim_path,
+            "clock": "database",
+            "bound": self._bound,
+        }
+
+
+class SQLStore(_Common):
+    """A synchronous store on an Engine (ours or the caller's) or on a Connection."""
+
+    def __init__(
+        self,
+        sql: SQL,
+        *,
+        engine: Engine | None = None,
+        connection: Connection | None = None,
+        owns_engine: bool = False,
+        create: bool = True,
+        label: str = "sql",
+    ) -> None:
+        if (engine is None) == (connection is None):
+            raise ConfigurationError("SQLStore needs exactly one of engine or connection")
+        super().__init__(sql, create=create, bound=connection is not None, label=label)
+        self._engine = engine
+        self._connection = connection
+        self._owns_engine = owns_engine
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    def bind(self, connection: Connection) -> SQLStore:
+        """A view of this store inside ``connection``'s transaction: the claim and the
+        result commit or roll back with the caller's own writes."""
+        if not isinstance(connection, Connection):
+            raise ConfigurationError(
+                f"bind() takes a sqlalchemy Connection, not {type(connection).__name__}"
+            )
+        return SQLStore(self.sql, connection=connection, create=False, label=self._label)
+
+    def _execute(self, program: Program[T]) -> T:
+        if self._connection is not None:
+            conn = self._connection
+            if conn.in_transaction() or self._bound:
+                return run_sync(conn, program)
+            # A connection given as client outside any transaction: ours to commit.
+            value = run_sync(conn, program)
+            if conn.in_transaction():
+                conn.commit()
+            return value
+        assert self._engine is not None
+        with self._engine.connect() as conn:
+            return run_sync(conn, program)
+
+    def _run(self, make: Callable[[], Program[T]]) -> T:
+        reconnected = created = False
+        while True:
+            try:
+                return self._execute(make())
+            except DBAPIError as exc:
+                if not self._bound and not reconnected and retryable(exc):
+                    reconnected = True
+                    continue
+                if self._create and not created and missing_table(exc):
+                    created = True
+                    self.setup()
+                    continue
+                raise unavailable(exc, self._label) from exc
+            except SQLAlchemyError as exc:
+                raise unavailable(exc, self._label) from exc
+            except OSError as exc:
+                raise unavailable(exc, self._label) from exc
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        return self._run(lambda: self.sql.claim(request))
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        if not requests:
+            return []
+        return self._run(lambda: self.sql.claim_many(requests))
+
+    def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        if not with_items:
+            return self._run(lambda: self.sql.complete(key, fence, result, ttl))
+        return self._complete_with(key, fence, result, ttl, with_items)
+
+    def _complete_with(
+        self, key: str, fence: int, result: bytes, ttl: float, items: Sequence[Any]
+    ) -> Record:
+        """The caller's statements and the result in one transaction; LeaseLost undoes both."""
+        if self._bound:
+            assert self._connection is not None
+            for item in items:
+                _execute_item(self._connection, item)
+            return self._run(lambda: self.sql.complete(key, fence, result, ttl))
+        try:
+            with self._transaction() as conn:
+                for item in items:
+                    _execute_item(conn, item)
+                return run_sync(conn, self.sql.complete(key, fence, result, ttl))
+        except SQLAlchemyError as exc:
+            raise unavailable(exc, self._label) from exc
+
+    def _transaction(self) -> Any:
+        if self._connection is not None:
+            return _CommitOnExit(self._connection)
+        assert self._engine is not None
+        level = self._engine.dialect.default_isolation_level or "SERIALIZABLE"
+        return _TransactionOn(self._engine, level)
+
+    def release(self, key: str, fence: int) -> None:
+        self._run(lambda: self.sql.release(key, fence))
+
+    def renew(self, key: str, fence: int, lease: float) -> Record:
+        return self._run(lambda: self.sql.renew(key, fence, lease))
+
+    def get(self, key: str) -> Record | None:
+        return self._run(lambda: self.sql.get(key))
+
+    def delete(self, key: str) -> None:
+        self._run(lambda: self.sql.delete(key))
+
+    def now(self) -> int:
+        return self._run(self.sql.now_program)
+
+    def purge_expired(self, batch: int = 1000) -> int:
+        """Delete expired records, ``batch`` rows per statement; returns how many."""
+        if batch < 1:
+            raise ConfigurationError("batch must be at least 1")
+        return self._run(lambda: self.sql.purge(batch))
+
+    def setup(self) -> str:
+        """Create the table and its index if missing; says what it did."""
+        try:
+            if self._connection is not None:
+                return self._setup_on(self._connection)
+            assert self._engine is not None
+            with self._engine.connect() as conn:
+                return self._setup_on(conn)
+        except SQLAlchemyError as exc:
+            raise unavailable(exc, self._label) from exc
+
+    def _setup_on(self, conn: Connection) -> str:
+        existed = inspect(conn).has_table(self.sql.table)
+        try:
+            self.table.metadata.create_all(conn, tables=[self.table], checkfirst=True)
+        except DBAPIError:
+            # Another process created it between our check and our CREATE.
+            if not inspect(conn).has_table(self.sql.table):
+                raise
+        if conn.in_transaction():
+            conn.commit()
+        return self._setup_result(existed)
+
+    def diagnostics(self) -> dict[str, object]:
+        try:
+            if self._connection is not None:
+                info = self._connection.dialect.server_version_info
+            else:
+                assert self._engine is not None
+                with self._engine.connect() as conn:
+                    info = conn.dialect.server_version_info
+        except SQLAlchemyError as exc:
+            raise unavailable(exc, self._label) from exc
+        return self._diagnostics(".".join(map(str, info or ())))
+
+    def close(self) -> None:
+        if self._owns_engine and self._engine is not None:
+            self._engine.dispose()
+
+
+class _TransactionOn:
+    """A pooled connection in a real transaction (our engine is in autocommit mode)."""
+
+    def __init__(self, engine: Engine, level: str) -> None:
+        self._engine = engine
+        self._level = level
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> Connection:
+        conn = self._engine.connect().execution_options(isolation_level=self._level)
+        self._conn = conn
+        conn.begin()
+        return conn
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        assert self._conn is not None
+        try:
+            if exc_type is None:
+                self._conn.commit()
+            else:
+                self._conn.rollback()
+        finally:
+            self._conn.close()
+
+
+class _CommitOnExit:
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> Connection:
+        self._conn.begin()
+        return self._conn
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self._conn.commit()
+        else:
+            self._conn.rollback()
+
+
+def _execute_item(conn: Connection, item: Any) -> None:
+    if isinstance(item, tuple):
+        conn.execute(*item)
+    else:
+        conn.execute(item)
+
+
+async def _aexecute_item(conn: AsyncConnection, item: Any) -> None:
+    if isinstance(item, tuple):
+        await conn.execute(*item)
+    else:
+        await conn.execute(item)
+
+
+class AsyncSQLStore(_Common):
+    """The asyncio twin, on an AsyncEngine (ours or the caller's) or an AsyncConnection."""
+
+    def __init__(
+        self,
+        sql: SQL,
+        *,
+        engine: AsyncEngine | None = None,
+        connection: AsyncConnection | None = None,
+        owns_engine: bool = False,
+        create: bool = True,
+        label: str = "sql",
+    ) -> None:
+        if (engine is None) == (connection is None):
+            raise ConfigurationError("AsyncSQLStore needs exactly one of engine or connection")
+        super().__init__(sql, create=create, bound=connection is not None, label=label)
+        self._engine = engine
+        self._connection = connection
+        self._owns_engine = owns_engine
+
+    @property
+    def engine(self) -> AsyncEngine | None:
+        return self._engine
+
+    def bind(self, connection: AsyncConnection) -> AsyncSQLStore:
+        """A view of this store inside ``connection``'s transaction."""
+        if not isinstance(connection, AsyncConnection):
+            raise ConfigurationError(
+                f"bind() takes a sqlalchemy AsyncConnection, not {type(connection).__name__}"
+            )
+        return AsyncSQLStore(self.sql, connection=connection, create=False, label=self._label)
+
+    async def _execute(self, program: Program[T]) -> T:
+        if self._connection is not None:
+            conn = self._connection
+            if conn.in_transaction() or self._bound:
+                return await run_async(conn, program)
+            value = await run_async(conn, program)
+            if conn.in_transaction():
+                await conn.commit()
+            return value
+        assert self._engine is not None
+        async with self._engine.connect() as conn:
+            return await run_async(conn, program)
+
+    async def _run(self, make: Callable[[], Program[T]]) -> T:
+        reconnected = created = False
+        while True:
+            try:
+                return await self._execute(make())
+            except DBAPIError as exc:
+                if not self._bound and not reconnected and retryable(exc):
+                    reconnected = True
+                    continue
+                if self._create and not created and missing_table(exc):
+                    created = True
+                    await self.setup()
+                    continue
+                raise unavailable(exc, self._label) from exc
+            except SQLAlchemyError as exc:
+                raise unavailable(exc, self._label) from exc
+            except OSError as exc:
+                raise unavailable(exc, self._label) from exc
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        return await self._run(lambda: self.sql.claim(request))
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        if not requests:
+            return []
+        return await self._run(lambda: self.sql.claim_many(requests))
+
+    async def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        if not with_items:
+            return await self._run(lambda: self.sql.complete(key, fence, result, ttl))
+        try:
+            if self._connection is not None:
+                conn = self._connection
+                for item in with_items:
+                    await _aexecute_item(conn, item)
+                record = await run_async(conn, self.sql.complete(key, fence, result, ttl))
+                if not self._bound and conn.in_transaction():
+                    await conn.commit()
+                return record
+            assert self._engine is not None
+            level = self._engine.dialect.default_isolation_level or "SERIALIZABLE"
+            async with self._engine.connect() as raw:
+                conn = await raw.execution_options(isolation_level=level)
+                async with conn.begin():
+                    for item in with_items:
+                        await _aexecute_item(conn, item)
+                    return await run_async(conn, self.sql.complete(key, fence, result, ttl))
+        except SQLAlchemyError as exc:
+            raise unavailable(exc, self._label) from exc
+
+    async def release(self, key: str, fence: int) -> None:
+        await self._run(lambda: self.sql.release(key, fence))
+
+    async def renew(self, key: str, fence: int, lease: float) -> Record:
+        return await self._run(lambda: self.sql.renew(key, fence, lease))
+
+    async def get(self, key: str) -> Record | None:
+        return await self._run(lambda: self.sql.get(key))
+
+    async def delete(self, key: str) -> None:
+        await self._run(lambda: self.sql.delete(key))
+
+    async def now(self) -> int:
+        return await self._run(self.sql.now_program)
+
+    async def purge_expired(self, batch: int = 1000) -> int:
+        if batch < 1:
+            raise ConfigurationError("batch must be at least 1")
+        return await self._run(lambda: self.sql.purge(batch))
+
+    async def setup(self) -> str:
+        try:
+            if self._connection is not None:
+                return await self._connection.run_sync(self._setup_sync)
+            assert self._engine is not None
+            async with self._engine.connect() as conn:
+                return await conn.run_sync(self._setup_sync)
+        except SQLAlchemyError as exc:
+            raise unavailable(exc, self._label) from exc
+
+    def _setup_sync(self, conn: Connection) -> str:
+        existed = inspect(conn).has_table(self.sql.table)
+        try:
+            self.table.metadata.create_all(conn, tables=[self.table], checkfirst=True)
+        except DBAPIError:
+            if not inspect(conn).has_table(self.sql.table):
+                raise
+        if conn.in_transaction():
+            conn.commit()
+        return self._setup_result(existed)
+
+    async def diagnostics(self) -> dict[str, object]:
+        try:
+            if self._connection is not None:
+                info = self._connection.dialect.server_version_info
+            else:
+                assert self._engine is not None
+                async with self._engine.connect() as conn:
+                    info = conn.dialect.server_version_info
+        except SQLAlchemyError as exc:
+            raise unavailable(exc, self._label) from exc
+        return self._diagnostics(".".join(map(str, info or ())))
+
+    async def close(self) -> None:
+        if self._owns_engine and self._engine is not None:
+            await self._engine.dispose()
