@@ -21,6 +21,9 @@ ITEM_LIMIT = 400 * 1024
 _UNSENT_ALLOWANCE = 2048
 _NUMBER_SIZE = 21  # at most 38 digits, stored as 2 digits per byte plus one
 _ZSTD = "zstd"
+# DynamoDB Local (and older DynamoDB) refuse empty binary values: an empty result is this
+# encoding and no result attribute.
+EMPTY = "empty"
 
 # Attribute names. Placeholders (#x) are used everywhere because STATUS and TTL are reserved
 # words in DynamoDB's expression language.
@@ -91,7 +94,8 @@ class Codec:
         )
         if record.result is not None:
             stored, encoding = self.pack(record.result)
-            item[RESULT] = {"B": stored}
+            if stored:
+                item[RESULT] = {"B": stored}
             if encoding:
                 item[ENCODING] = {"S": encoding}
         return item
@@ -102,8 +106,11 @@ class Codec:
             return None
         try:
             result: bytes | None = None
+            encoding = item.get(ENCODING, {}).get("S")
             if RESULT in item:
-                result = self.unpack(bytes(item[RESULT]["B"]), item.get(ENCODING, {}).get("S"))
+                result = self.unpack(bytes(item[RESULT]["B"]), encoding)
+            elif encoding == EMPTY:
+                result = b""
             return Record(
                 key=self.key_of(item),
                 status=Status(item[STATUS]["S"]),
@@ -137,6 +144,8 @@ class Codec:
 
     def pack(self, result: bytes) -> tuple[bytes, str | None]:
         """The bytes to store and their encoding: zstd above the threshold when it helps."""
+        if not result:
+            return result, EMPTY
         limit = self.settings.compress_above
         if limit is None or len(result) <= limit:
             return result, None

@@ -253,18 +253,25 @@ class Plans:
         values.update(
             {
                 ":done": {"S": target.status.value},
-                ":r": {"B": stored},
                 ":exp": {"N": str(target.expires_at)},
                 ":ttl": {"N": str(self.codec.ttl_seconds(target.expires_at))},
                 ":upd": {"N": str(target.updated_at)},
             }
         )
-        update = "SET #st = :done, #r = :r, #e = :exp, #t = :ttl, #u = :upd"
+        update = "SET #st = :done, #e = :exp, #t = :ttl, #u = :upd"
+        removed: list[str] = []
+        if stored:
+            update += ", #r = :r"
+            values[":r"] = {"B": stored}
+        else:
+            removed.append("#r")
         if encoding is None:
-            update += " REMOVE #z"
+            removed.append("#z")
         else:
             update += ", #z = :z"
             values[":z"] = {"S": encoding}
+        if removed:
+            update += " REMOVE " + ", ".join(removed)
         op: dict[str, Any] = {
             **self._base(key),
             "UpdateExpression": update,

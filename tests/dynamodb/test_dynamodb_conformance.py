@@ -1,0 +1,68 @@
+"""The core's conformance suite, sync and async, on moto's server and on DynamoDB Local.
+
+Leases are judged by the client's clock: a ManualClock (starting at the real time, so TTL
+values are sensible) is advanced instead of sleeping, with no skew allowance.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from conftest import Server
+
+from idem_core.clock import ManualClock
+from idem_core.testing import AsyncStoreSuite, StoreSuite
+from idem_dynamodb.aio import AsyncDynamoDBStore
+from idem_dynamodb.backend import BACKEND
+from idem_dynamodb.store import DynamoDBStore
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(time.time())
+
+
+class TestDynamoDBStore(StoreSuite):
+    @pytest.fixture
+    def advance(self, clock: ManualClock) -> Callable[[float], None]:
+        return clock.advance
+
+    @pytest.fixture
+    def store(self, server: Server, clock: ManualClock) -> Iterator[DynamoDBStore]:
+        with server.open(skew=0, clock=clock) as s:
+            yield s
+
+    @pytest.fixture
+    def store_url(self, server: Server) -> str:
+        return server.url(skew=0)
+
+
+class TestAsyncDynamoDBStore(AsyncStoreSuite):
+    @pytest.fixture
+    def advance(self, clock: ManualClock) -> Callable[[float], None]:
+        return clock.advance
+
+    @pytest.fixture
+    async def astore(self, server: Server, clock: ManualClock) -> AsyncIterator[AsyncDynamoDBStore]:
+        s = BACKEND.open_async(server.url(), skew=0, clock=clock)
+        yield s
+        await s.close()
+
+
+class TestSharedTable(StoreSuite):
+    """The same rules in a table shared through a sort key (a static partition per namespace)."""
+
+    @pytest.fixture
+    def advance(self, clock: ManualClock) -> Callable[[float], None]:
+        return clock.advance
+
+    @pytest.fixture
+    def store(self, server: Server, clock: ManualClock) -> Iterator[DynamoDBStore]:
+        with server.open("idem_shared", sort_key="sk", namespace="conf", skew=0, clock=clock) as s:
+            yield s
+
+    @pytest.fixture
+    def store_url(self, server: Server) -> str:
+        return server.url("idem_shared", sort_key="sk", namespace="conf", skew=0)
