@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .api import Idempotency
+from .call import AsyncCall, Call
 from .clock import Clock, ManualClock, SkewedClock, system_clock
 from .errors import (
     AlreadyInProgress,
@@ -15,6 +17,7 @@ from .errors import (
     ResultNotSerializable,
     StoreUnavailable,
 )
+from .events import Event, EventKind
 from .record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, Record, Status
 from .registry import open_async_store, open_store, register
 from .store import AsyncStore, Backend, Store
@@ -22,6 +25,11 @@ from .store import AsyncStore, Backend, Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCall",
+    "Call",
+    "Event",
+    "EventKind",
+    "Idempotency",
     "RELEASED",
     "AlreadyInProgress",
     "AsyncStore",

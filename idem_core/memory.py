@@ -43,8 +43,10 @@ class MemoryStore:
 
     def _put(self, record: Record, now: int) -> None:
         records = self._records
-        # Re-inserting keeps the dict ordered by last write, oldest first.
-        records.pop(record.key, None)
+        if record.key in records:
+            records[record.key] = record
+            return
+        # The dict is ordered by creation: look at the oldest few for expired records.
         records[record.key] = record
         for _ in range(_SWEEP):
             oldest = next(iter(records.values()))
@@ -185,6 +187,8 @@ class MemoryBackend:
     by every opener in the process. ``?max_size=N`` bounds the number of records."""
 
     extra = ""
+    #: the sync and async stores of one Idempotency must share the same records
+    in_process = True
 
     def open(self, url: str, *, client: Any = None, **options: Any) -> MemoryStore:
         if isinstance(client, MemoryStore):

@@ -1,0 +1,604 @@
+"""The public API: ``Idempotency``, its decorator and its ``claim`` context managers."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import itertools
+import os
+import threading
+import time
+import typing
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+
+from .call import AsyncCall, Call, Options
+from .codec import ResultCodec
+from .errors import ConfigurationError, KeyMissing, StoreUnavailable
+from .events import Emitter, EventHook, EventKind
+from .keys import fingerprint, full_key
+from .record import MICROS, ClaimOutcome, ClaimRequest, ClaimResult, Record
+from .registry import open_async_store, open_store
+from .store import AsyncStore, Store
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+KeySpec = str | Sequence[str] | Callable[..., str]
+PayloadSpec = Sequence[str] | Callable[..., Any] | None
+
+_attempts = itertools.count()
+_RETRY_PAUSE = 0.05
+
+
+def _attempt_id() -> str:
+    # Unique per call and per process; cheaper than uuid4 on the hot path.
+    return f"{_process_tag}-{next(_attempts)}"
+
+
+_process_tag = os.urandom(6).hex()
+
+
+def _new_process_tag() -> None:
+    global _process_tag
+    _process_tag = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_new_process_tag)
+
+
+class Idempotency:
+    """Makes functions and blocks idempotent on one store, for sync and async code alike.
+
+    ``store``/``astore`` are ready stores (never closed by us); ``url`` opens stores lazily,
+    one per process, so a forked worker never shares its parent's connections.
+    """
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        *,
+        astore: AsyncStore | None = None,
+        url: str | None = None,
+        client: Any = None,
+        store_options: dict[str, Any] | None = None,
+        namespace: str = "default",
+        ttl: float = 86400.0,
+        lease: float = 30.0,
+        on_event: EventHook | Sequence[EventHook] | None = None,
+        on_store_error: str = "fail",
+        local_cache: int = 0,
+        retries: int = 1,
+    ) -> None:
+        if store is None and astore is None and url is None:
+            raise ConfigurationError("give a store, an astore or a url")
+        if on_store_error not in ("fail", "fail_open"):
+            raise ConfigurationError("on_store_error must be 'fail' or 'fail_open'")
+        if not namespace or ":" in namespace:
+            raise ConfigurationError("namespace must be a non-empty string without ':'")
+        self.url = url
+        self.namespace = namespace
+        self.ttl = ttl
+        self.lease = lease
+        self.on_store_error = on_store_error
+        self.retries = retries
+        self._client = client
+        self._store_options = store_options or {}
+        self._store = store
+        self._astore = astore
+        self._owned: list[Store] = []
+        self._aowned: list[AsyncStore] = []
+        self._pid = os.getpid()
+        self._apid = os.getpid()
+        self._lock = threading.Lock()
+        hooks: list[EventHook] = []
+        if callable(on_event):
+            hooks.append(on_event)
+        elif on_event:
+            hooks.extend(on_event)
+        self._emit = Emitter(namespace, hooks)
+        self._cache: _LocalCache | None = _LocalCache(local_cache) if local_cache else None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        client: Any = None,
+        store_options: dict[str, Any] | None = None,
+        **settings: Any,
+    ) -> Idempotency:
+        """Open stores for ``url`` lazily; ``settings`` are this class's keyword arguments."""
+        from .registry import backend_for
+
+        backend_for(url)  # fail fast on an unknown scheme or a missing extra
+        return cls(url=url, client=client, store_options=store_options, **settings)
+
+    @classmethod
+    def from_env(cls, var: str = "IDEM_URL", **settings: Any) -> Idempotency:
+        url = os.environ.get(var)
+        if not url:
+            raise ConfigurationError(f"set {var} to a store URL, e.g. {var}=memory://")
+        return cls.from_url(url, **settings)
+
+    # -- stores ---------------------------------------------------------------------------
+
+    def on_event(self, hook: EventHook) -> EventHook:
+        """Add an event hook (usable as a decorator)."""
+        self._emit.hooks.append(hook)
+        return hook
+
+    @property
+    def store(self) -> Store:
+        store = self._store
+        if store is not None and (self.url is None or self._pid == os.getpid()):
+            return store
+        with self._lock:
+            if self._store is None or (self.url is not None and self._pid != os.getpid()):
+                if self.url is None:
+                    raise ConfigurationError("this Idempotency was given only an async store")
+                self._store = open_store(self.url, client=self._client, **self._store_options)
+                self._pid = os.getpid()
+                self._owned.append(self._store)
+            return self._store
+
+    @property
+    def astore(self) -> AsyncStore:
+        astore = self._astore
+        if astore is not None and (self.url is None or self._apid == os.getpid()):
+            return astore
+        if self._store is None and self.url is not None and _in_process(self.url):
+            self.store  # noqa: B018  (in-process data: the async side shares the sync records)
+        with self._lock:
+            if self._astore is None or (self.url is not None and self._apid != os.getpid()):
+                twin = getattr(self._store, "async_twin", None)
+                if twin is not None:
+                    self._astore = cast(AsyncStore, twin())
+                elif self.url is not None:
+                    self._astore = open_async_store(
+                        self.url, client=self._client, **self._store_options
+                    )
+                    self._aowned.append(self._astore)
+                else:
+                    raise ConfigurationError("this Idempotency was given only a sync store")
+                self._apid = os.getpid()
+            return self._astore
+
+    def close(self) -> None:
+        """Close the sync stores this object opened (never ones it was given)."""
+        while self._owned:
+            self._owned.pop().close()
+        if self.url is not None:
+            self._store = None
+
+    async def aclose(self) -> None:
+        while self._aowned:
+            await self._aowned.pop().close()
+        if self.url is not None:
+            self._astore = None
+        self.close()
+
+    # -- keys -----------------------------------------------------------------------------
+
+    def key_for(self, raw: object, scope: str = "", max_length: int | None = None) -> str:
+        """The stored key for a raw idempotency key."""
+        if max_length is None:
+            store = self._store if self._store is not None else self._astore
+            max_length = store.max_key_length if store is not None else 255
+        return full_key(self.namespace, scope, raw, max_length)
+
+    def _request(
+        self, raw_key: object, payload: Any, lease: float, ttl: float, scope: str, limit: int
+    ) -> ClaimRequest:
+        return ClaimRequest(
+            full_key(self.namespace, scope, raw_key, limit),
+            fingerprint(payload),
+            _attempt_id(),
+            lease,
+            ttl,
+        )
+
+    # -- retries and the local cache --------------------------------------------------------
+
+    def _retry(self, op: Callable[..., T], *args: Any, _spent: int = 0, **kwargs: Any) -> T:
+        """Run a store operation, retrying a StoreUnavailable with the same arguments: each
+        operation is safe to repeat (claims carry their attempt id). ``_spent`` counts the
+        tries already made."""
+        for attempt in range(_spent, self.retries + 1):
+            try:
+                return op(*args, **kwargs)
+            except StoreUnavailable:
+                if attempt >= self.retries:
+                    raise
+                time.sleep(_RETRY_PAUSE * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _aretry(self, op: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        for attempt in range(self.retries + 1):
+            try:
+                return await op(*args, **kwargs)
+            except StoreUnavailable:
+                if attempt >= self.retries:
+                    raise
+                await asyncio.sleep(_RETRY_PAUSE * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _remember(self, key: str, record: Record) -> None:
+        if self._cache is not None:
+            self._cache.put(key, record)
+
+    def _recall(self, request: ClaimRequest) -> Record | None:
+        if self._cache is None:
+            return None
+        return self._cache.get(request.key, request.fingerprint)
+
+    # -- context managers ---------------------------------------------------------------
+
+    def claim(
+        self,
+        key: str,
+        *,
+        payload: Any = None,
+        lease: float | None = None,
+        ttl: float | None = None,
+        result_type: Any = Any,
+        on_in_progress: str = "raise",
+        wait_timeout: float = 10.0,
+        cache_errors: tuple[type[BaseException], ...] = (),
+        renew_every: float | None = None,
+        connection: Any = None,
+    ) -> Call:
+        """``with idem.claim(key, payload=...) as call:`` — replay ``call.result`` when
+        ``call.replayed``, else do the work and ``call.complete(value)``.
+
+        ``connection`` runs the record inside the caller's own transaction (SQL stores)."""
+        store = self.store
+        if connection is not None:
+            store = _bind(store, connection)
+        opts = Options(
+            ttl=ttl or self.ttl,
+            lease=lease or self.lease,
+            codec=ResultCodec(result_type, cache_errors),
+            on_in_progress=on_in_progress,
+            wait_timeout=wait_timeout,
+            cache_errors=cache_errors,
+            renew_every=renew_every,
+        )
+        req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
+        return Call(self, store, req, opts)
+
+    def aclaim(
+        self,
+        key: str,
+        *,
+        payload: Any = None,
+        lease: float | None = None,
+        ttl: float | None = None,
+        result_type: Any = Any,
+        on_in_progress: str = "raise",
+        wait_timeout: float = 10.0,
+        cache_errors: tuple[type[BaseException], ...] = (),
+        renew_every: float | None = None,
+        connection: Any = None,
+    ) -> AsyncCall:
+        """``async with idem.aclaim(key, payload=...) as call:`` — the twin of :meth:`claim`."""
+        store = self.astore
+        if connection is not None:
+            store = _bind(store, connection)
+        opts = Options(
+            ttl=ttl or self.ttl,
+            lease=lease or self.lease,
+            codec=ResultCodec(result_type, cache_errors),
+            on_in_progress=on_in_progress,
+            wait_timeout=wait_timeout,
+            cache_errors=cache_errors,
+            renew_every=renew_every,
+        )
+        req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
+        return AsyncCall(self, store, req, opts)
+
+    # -- the decorator ------------------------------------------------------------------
+
+    def idempotent(
+        self,
+        fn: Callable[P, R] | None = None,
+        *,
+        key: KeySpec,
+        payload: PayloadSpec = None,
+        ttl: float | None = None,
+        lease: float | None = None,
+        on_in_progress: str = "raise",
+        wait_timeout: float = 10.0,
+        cache_errors: tuple[type[BaseException], ...] = (),
+        renew_every: float | None = None,
+        result_type: Any = None,
+        connection: str | Callable[..., Any] | None = None,
+        scope: str | None = None,
+    ) -> Any:
+        """Make ``fn`` run once per key; duplicates get the stored result.
+
+        ``key``: an argument name, several names (joined with ``:``), or a callable over the
+        arguments returning a string. ``payload``: argument names or a callable whose value is
+        fingerprinted (default: every argument). ``result_type``: the type replays decode to
+        (default: the return annotation). ``connection``: the argument name (or a callable over
+        the arguments) of a database connection whose transaction the record joins.
+        """
+
+        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+            return self._wrap(
+                func,
+                key=key,
+                payload=payload,
+                ttl=ttl,
+                lease=lease,
+                on_in_progress=on_in_progress,
+                wait_timeout=wait_timeout,
+                cache_errors=cache_errors,
+                renew_every=renew_every,
+                result_type=result_type,
+                connection=connection,
+                scope=scope,
+            )
+
+        return decorate if fn is None else decorate(fn)
+
+    def _wrap(
+        self,
+        func: Callable[P, R],
+        *,
+        key: KeySpec,
+        payload: PayloadSpec,
+        ttl: float | None,
+        lease: float | None,
+        on_in_progress: str,
+        wait_timeout: float,
+        cache_errors: tuple[type[BaseException], ...],
+        renew_every: float | None,
+        result_type: Any,
+        connection: str | Callable[..., Any] | None,
+        scope: str | None,
+    ) -> Callable[P, R]:
+        bind = _binder(func)
+        if result_type is None:
+            result_type = _return_type(func)
+        name = scope or f"{func.__module__}.{func.__qualname__}"
+        opts = Options(
+            ttl=ttl or self.ttl,
+            lease=lease or self.lease,
+            codec=ResultCodec(result_type, cache_errors),
+            on_in_progress=on_in_progress,
+            wait_timeout=wait_timeout,
+            cache_errors=cache_errors,
+            renew_every=renew_every,
+            function=name,
+        )
+        get_key = _extractor(key, "key", bind.names)
+        get_payload = None if payload is None else _extractor(payload, "payload", bind.names)
+        get_conn = None if connection is None else _extractor(connection, "connection", bind.names)
+        key_index = bind.index_of(key)
+        namespace, lease_s, ttl_s = self.namespace, opts.lease, opts.ttl
+        arity, names, plain = len(bind.names), bind.names, bind.simple
+
+        def prepare(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> ClaimRequest:
+            # The fingerprint covers every argument in parameter order, however it was passed.
+            if plain and not kwargs and len(args) == arity:
+                values = args
+                if key_index is not None:
+                    raw = args[key_index]
+                else:
+                    raw = get_key(dict(zip(names, args, strict=True)))
+                fp = fingerprint(values if get_payload is None else get_payload(bind(args, {})))
+            else:
+                bound = bind(args, kwargs)
+                raw = get_key(bound)
+                fp = fingerprint(
+                    tuple(bound.values()) if get_payload is None else get_payload(bound)
+                )
+            return ClaimRequest(
+                full_key(namespace, name, raw, limit), fp, _attempt_id(), lease_s, ttl_s
+            )
+
+        emit, decode = self._emit, opts.codec.decode
+
+        if inspect.iscoroutinefunction(func):
+            afunc = cast(Callable[..., Awaitable[Any]], func)
+
+            @functools.wraps(func)
+            async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                store = self.astore
+                if get_conn is not None:
+                    store = _bind(store, get_conn(bind(args, kwargs)))
+                call = AsyncCall(self, store, prepare(args, kwargs, store.max_key_length), opts)
+                await call.enter()
+                if call.replayed:
+                    return call.result
+                try:
+                    value = await afunc(*args, **kwargs)
+                except BaseException as exc:
+                    await call._finish(None, exc)
+                    raise
+                await call._finish(value, None)
+                return value
+
+            return cast(Callable[P, R], awrapper)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            store = self.store
+            if get_conn is not None:
+                store = _bind(store, get_conn(bind(args, kwargs)))
+            req = prepare(args, kwargs, store.max_key_length)
+            first: ClaimResult | StoreUnavailable | None = None
+            if self._cache is None:
+                # The common case needs no Call object: one claim, then replay or run.
+                try:
+                    first = store.claim(req)
+                except StoreUnavailable as exc:
+                    first = exc  # the Call retries it, or fails open
+                else:
+                    if first.outcome is ClaimOutcome.COMPLETED:
+                        emit(EventKind.REPLAYED, req.key, name, first.record.fence)
+                        return decode(first.record.result, req.key)
+            call = Call(self, store, req, opts)
+            call.enter(first)
+            if call.replayed:
+                return call.result
+            try:
+                value = func(*args, **kwargs)
+            except BaseException as exc:
+                call._finish(None, exc)
+                raise
+            call._finish(value, None)
+            return value
+
+        return cast(Callable[P, R], wrapper)
+
+
+def _in_process(url: str) -> bool:
+    from .registry import backend_for
+
+    return bool(getattr(backend_for(url), "in_process", False))
+
+
+def _bind(store: Any, connection: Any) -> Any:
+    bind = getattr(store, "bind", None)
+    if bind is None:
+        raise ConfigurationError(
+            f"{type(store).__name__} cannot join a caller's transaction (connection=...)"
+        )
+    return bind(connection)
+
+
+def _return_type(func: Callable[..., Any]) -> Any:
+    try:
+        hints = typing.get_type_hints(func, include_extras=True)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot resolve the return annotation of {func.__qualname__}: {exc}; "
+            "pass result_type=..."
+        ) from exc
+    ret = hints.get("return", Any)
+    return Any if ret is type(None) else ret
+
+
+class _Binder:
+    """Maps a call's arguments to parameter names, cheaply for plain signatures."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        sig = inspect.signature(func)
+        self.sig = sig
+        params = list(sig.parameters.values())
+        self.names = [p.name for p in params]
+        simple = all(
+            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY) for p in params
+        )
+        self.positional = [p.name for p in params if p.kind is not p.KEYWORD_ONLY]
+        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        self.simple = simple and not any(
+            p.kind in (p.POSITIONAL_ONLY, p.KEYWORD_ONLY) for p in params
+        )
+
+    def index_of(self, key: Any) -> int | None:
+        """The position of a single-name key among plain parameters, for the fast path."""
+        if self.simple and isinstance(key, str) and key in self.positional:
+            return self.positional.index(key)
+        return None
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.simple and len(args) <= len(self.positional):
+            bound = dict(zip(self.positional, args, strict=False))
+            if kwargs:
+                bound.update(kwargs)
+            if len(bound) < len(self.names):
+                for name, default in self.defaults.items():
+                    bound.setdefault(name, default)
+            return bound
+        try:
+            ba = self.sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise KeyMissing(f"cannot bind the call's arguments: {exc}") from exc
+        ba.apply_defaults()
+        return dict(ba.arguments)
+
+
+def _binder(func: Callable[..., Any]) -> _Binder:
+    return _Binder(func)
+
+
+def _extractor(
+    spec: str | Sequence[str] | Callable[..., Any], what: str, names: list[str]
+) -> Callable[[dict[str, Any]], Any]:
+    """A function of the bound arguments for a key, payload or connection spec."""
+    if callable(spec):
+        params = list(inspect.signature(spec).parameters)
+
+        def by_callable(bound: dict[str, Any]) -> Any:
+            try:
+                if all(p in bound for p in params):
+                    return spec(**{p: bound[p] for p in params})
+                return spec(*bound.values())
+            except (KeyError, IndexError, TypeError, AttributeError) as exc:
+                if what == "key":
+                    raise KeyMissing(f"the key function failed: {exc!r}") from exc
+                raise
+
+        return by_callable
+    fields = [spec] if isinstance(spec, str) else list(spec)
+    unknown = [f for f in fields if f not in names]
+    if unknown:
+        raise ConfigurationError(f"{what}: no argument named {', '.join(unknown)}")
+    if len(fields) == 1:
+        only = fields[0]
+
+        def one(bound: dict[str, Any]) -> Any:
+            try:
+                return bound[only]
+            except KeyError:
+                raise KeyMissing(f"argument {only!r} is missing") from None
+
+        return one
+    if what == "key":
+
+        def joined(bound: dict[str, Any]) -> str:
+            parts = [bound.get(f) for f in fields]
+            bad = [f for f, v in zip(fields, parts, strict=True) if not isinstance(v, str) or not v]
+            if bad:
+                raise KeyMissing(f"key arguments must be non-empty strings: {', '.join(bad)}")
+            return ":".join(cast(list[str], parts))
+
+        return joined
+    return lambda bound: {f: bound.get(f) for f in fields}
+
+
+class _LocalCache:
+    """A per-process LRU of completed records, so a hot replay costs no round trip."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, Record] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, key: str, record: Record) -> None:
+        with self._lock:
+            self._items[key] = record
+            self._items.move_to_end(key)
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get(self, key: str, fp: str) -> Record | None:
+        with self._lock:
+            rec = self._items.get(key)
+            if rec is None:
+                return None
+            # Judged by this process's clock: a cache entry never outlives its record by more
+            # than the skew between this machine and the store.
+            if rec.expires_at <= time.time() * MICROS:
+                del self._items[key]
+                return None
+            if rec.fingerprint != fp:
+                return None  # the store decides: it reports the mismatch
+            self._items.move_to_end(key)
+            return rec

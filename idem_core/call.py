@@ -1,0 +1,457 @@
+"""One idempotent execution: claim, then replay, wait, or run and complete.
+
+:class:`Call` and :class:`AsyncCall` are twins over the same pure steps (:class:`_Steps`);
+they differ only in how they wait for the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from .codec import ResultCodec, encode_error
+from .errors import (
+    AlreadyInProgress,
+    LeaseLost,
+    PayloadMismatch,
+    ResultNotSerializable,
+    StoreUnavailable,
+)
+from .events import EventKind, logger
+from .record import ClaimOutcome, ClaimRequest, ClaimResult, Record
+from .store import AsyncStore, Store
+
+if TYPE_CHECKING:
+    from .api import Idempotency
+
+_POLL_FIRST = 0.01
+_POLL_MAX = 0.5
+_WAIT_SLICE = 1.0  # longest single wait on a store's change notification
+
+
+class Options:
+    """The per-call settings a decorator or ``claim()`` resolves once."""
+
+    __slots__ = (
+        "cache_errors",
+        "codec",
+        "function",
+        "lease",
+        "on_in_progress",
+        "renew_every",
+        "ttl",
+        "wait_timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        ttl: float,
+        lease: float,
+        codec: ResultCodec,
+        on_in_progress: str = "raise",
+        wait_timeout: float = 10.0,
+        cache_errors: tuple[type[BaseException], ...] = (),
+        renew_every: float | None = None,
+        function: str | None = None,
+    ) -> None:
+        from .errors import ConfigurationError
+
+        if on_in_progress not in ("raise", "wait"):
+            raise ConfigurationError("on_in_progress must be 'raise' or 'wait'")
+        if lease <= 0 or ttl <= 0:
+            raise ConfigurationError("lease and ttl must be positive (seconds)")
+        if renew_every is not None and not 0 < renew_every < lease:
+            raise ConfigurationError("renew_every must be positive and shorter than the lease")
+        self.ttl = ttl
+        self.lease = lease
+        self.codec = codec
+        self.on_in_progress = on_in_progress
+        self.wait_timeout = wait_timeout
+        self.cache_errors = cache_errors
+        self.renew_every = renew_every
+        self.function = function
+
+
+class _Steps:
+    """The decisions shared by both twins; no I/O here."""
+
+    __slots__ = (
+        "_done",
+        "_record",
+        "fence",
+        "idem",
+        "key",
+        "lease_lost",
+        "opts",
+        "outcome",
+        "request",
+        "unprotected",
+    )
+
+    def __init__(self, idem: Idempotency, request: ClaimRequest, opts: Options) -> None:
+        self.idem = idem
+        self.request = request
+        self.key = request.key
+        self.opts = opts
+        self.fence: int | None = None
+        self.outcome: ClaimOutcome | None = None
+        self._record: Record | None = None
+        self._done = False
+        self.unprotected = False
+        self.lease_lost: LeaseLost | None = None
+
+    @property
+    def replayed(self) -> bool:
+        """True when the result comes from an earlier execution."""
+        return self.outcome is ClaimOutcome.COMPLETED
+
+    @property
+    def record(self) -> Record | None:
+        return self._record
+
+    @property
+    def result(self) -> Any:
+        """The replayed result, decoded to the declared type (a cached error is raised)."""
+        if self.outcome is not ClaimOutcome.COMPLETED or self._record is None:
+            raise AttributeError("result is only set on a replayed call")
+        return self.opts.codec.decode(self._record.result, self.key)
+
+    def _settle(self, res: ClaimResult) -> bool:
+        """Act on a claim's outcome; True when the caller should wait and claim again."""
+        emit, fn = self.idem._emit, self.opts.function
+        outcome = res.outcome
+        self.outcome = outcome
+        self._record = res.record
+        if outcome is ClaimOutcome.CLAIMED or outcome is ClaimOutcome.TOOK_OVER:
+            self.fence = res.record.fence
+            kind = EventKind.CLAIMED if outcome is ClaimOutcome.CLAIMED else EventKind.TOOK_OVER
+            emit(kind, self.key, fn, self.fence)
+            return False
+        if outcome is ClaimOutcome.COMPLETED:
+            self._done = True
+            emit(EventKind.REPLAYED, self.key, fn, res.record.fence)
+            self.idem._remember(self.key, res.record)
+            return False
+        if outcome is ClaimOutcome.MISMATCH:
+            emit(EventKind.MISMATCH, self.key, fn, res.record.fence)
+            raise PayloadMismatch(self.key, res.record)
+        emit(EventKind.IN_PROGRESS, self.key, fn, res.record.fence)
+        if self.opts.on_in_progress == "wait":
+            return True
+        raise AlreadyInProgress(self.key, res.record)
+
+    def _fail_open(self, exc: StoreUnavailable) -> bool:
+        self.idem._emit(EventKind.STORE_ERROR, self.key, self.opts.function, error=exc)
+        if self.idem.on_store_error != "fail_open":
+            return False
+        self.idem._emit(EventKind.FAIL_OPEN, self.key, self.opts.function, error=exc)
+        self.unprotected = True
+        self.outcome = ClaimOutcome.CLAIMED
+        return True
+
+    def _payload_for(self, value: Any, error: BaseException | None) -> bytes | None:
+        """Bytes to store, or None when the claim is to be released instead."""
+        if error is None:
+            return self.opts.codec.encode(value)
+        if self.opts.cache_errors and isinstance(error, self.opts.cache_errors):
+            return encode_error(error)
+        return None
+
+    def _check_held(self) -> int:
+        if self._done:
+            raise RuntimeError(f"the call for {self.key!r} is already finished")
+        if self.fence is None:
+            raise RuntimeError(f"the call for {self.key!r} does not hold a claim")
+        if self.lease_lost is not None:
+            raise self.lease_lost
+        return self.fence
+
+    def _lost(self, exc: LeaseLost) -> LeaseLost:
+        self._done = True
+        self.idem._emit(EventKind.LEASE_LOST, self.key, self.opts.function, self.fence, exc)
+        return exc
+
+
+def _backoff(delay: float) -> tuple[float, float]:
+    return delay * (0.5 + random.random()), min(delay * 2, _POLL_MAX)
+
+
+class Call(_Steps):
+    """A synchronous idempotent execution; use it through ``Idempotency.claim``."""
+
+    __slots__ = ("_renewer", "_store")
+
+    def __init__(
+        self, idem: Idempotency, store: Store, request: ClaimRequest, opts: Options
+    ) -> None:
+        super().__init__(idem, request, opts)
+        self._store = store
+        self._renewer: _Renewer | None = None
+
+    def enter(self, first: ClaimResult | StoreUnavailable | None = None) -> Call:
+        """Claim and settle the outcome; ``first`` is the result of a first try at the claim."""
+        cached = self.idem._recall(self.request)
+        if cached is not None:
+            self.outcome, self._record, self._done = ClaimOutcome.COMPLETED, cached, True
+            return self
+        try:
+            if isinstance(first, ClaimResult):
+                res = first
+            elif first is None:
+                res = self.idem._retry(self._store.claim, self.request)
+            elif self.idem.retries:
+                res = self.idem._retry(self._store.claim, self.request, _spent=1)
+            else:
+                raise first
+        except StoreUnavailable as exc:
+            if self._fail_open(exc):
+                return self
+            raise
+        if self._settle(res):
+            self._wait()
+        if self.fence is not None and self.opts.renew_every:
+            self._renewer = _Renewer(self)
+        return self
+
+    def _wait(self) -> None:
+        deadline = time.monotonic() + self.opts.wait_timeout
+        waiter = getattr(self._store, "wait_for_change", None)
+        delay = _POLL_FIRST
+        self.idem._emit(EventKind.WAITING, self.key, self.opts.function)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AlreadyInProgress(self.key, self._record)
+            if waiter is not None and self._record is not None:
+                waiter(self.key, self._record.fence, min(remaining, _WAIT_SLICE))
+            else:
+                pause, delay = _backoff(delay)
+                time.sleep(min(pause, remaining))
+            if not self._settle(self.idem._retry(self._store.claim, self.request)):
+                return
+
+    def complete(self, value: Any, *, with_items: Sequence[Any] | None = None) -> None:
+        """Store ``value`` as the result; duplicates replay it from now on."""
+        self._finish(value, None, with_items)
+
+    def _finish(
+        self, value: Any, error: BaseException | None, with_items: Sequence[Any] | None = None
+    ) -> None:
+        if self.unprotected:
+            self._done = True
+            return
+        fence = self._check_held()
+        self._stop_renewer()
+        if self.lease_lost is not None:
+            raise self._lost(self.lease_lost)
+        try:
+            data = self._payload_for(value, error)
+        except ResultNotSerializable:
+            self.release()
+            raise
+        if data is None:
+            self.release()
+            return
+        try:
+            rec = self.idem._retry(
+                self._store.complete, self.key, fence, data, self.opts.ttl, with_items=with_items
+            )
+        except LeaseLost as exc:
+            raise self._lost(exc) from None
+        self._done = True
+        self.idem._emit(EventKind.COMPLETED, self.key, self.opts.function, fence)
+        self.idem._remember(self.key, rec)
+
+    def release(self) -> None:
+        """Give the claim up so the next duplicate runs."""
+        if self._done or self.fence is None or self.unprotected:
+            return
+        self._stop_renewer()
+        self._done = True
+        try:
+            self.idem._retry(self._store.release, self.key, self.fence)
+        except LeaseLost as exc:
+            self._lost(exc)
+            return
+        self.idem._emit(EventKind.RELEASED, self.key, self.opts.function, self.fence)
+
+    def _stop_renewer(self) -> None:
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = None
+
+    def __enter__(self) -> Call:
+        return self.enter() if self.outcome is None else self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self._done or self.fence is None:
+            self._stop_renewer()
+            return
+        if exc is not None:
+            try:
+                self._finish(None, exc)
+            except Exception:
+                # The caller's own exception is what propagates; this one is only logged.
+                logger.exception("could not settle the claim on %r after an error", self.key)
+            return
+
+        logger.warning("claim on %r ended without complete(); released", self.key)
+        self.release()
+
+
+class _Renewer:
+    """Extends a sync call's lease every ``renew_every`` seconds on a daemon thread."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="idem-renew", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        call = self._call
+        every = call.opts.renew_every or 1.0
+        while not self._stop.wait(every):
+            try:
+                call._store.renew(call.key, call.fence or 0, call.opts.lease)
+            except LeaseLost as exc:
+                call.lease_lost = exc
+                return
+            except StoreUnavailable as exc:
+                call.idem._emit(EventKind.STORE_ERROR, call.key, call.opts.function, error=exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class AsyncCall(_Steps):
+    """The asyncio twin of :class:`Call`; use it through ``Idempotency.aclaim``."""
+
+    __slots__ = ("_renewer", "_store")
+
+    def __init__(
+        self, idem: Idempotency, store: AsyncStore, request: ClaimRequest, opts: Options
+    ) -> None:
+        super().__init__(idem, request, opts)
+        self._store = store
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def enter(self) -> AsyncCall:
+        cached = self.idem._recall(self.request)
+        if cached is not None:
+            self.outcome, self._record, self._done = ClaimOutcome.COMPLETED, cached, True
+            return self
+        try:
+            res = await self.idem._aretry(self._store.claim, self.request)
+        except StoreUnavailable as exc:
+            if self._fail_open(exc):
+                return self
+            raise
+        if self._settle(res):
+            await self._wait()
+        if self.fence is not None and self.opts.renew_every:
+            self._renewer = asyncio.ensure_future(self._renew())
+        return self
+
+    async def _wait(self) -> None:
+        deadline = time.monotonic() + self.opts.wait_timeout
+        waiter = getattr(self._store, "wait_for_change", None)
+        delay = _POLL_FIRST
+        self.idem._emit(EventKind.WAITING, self.key, self.opts.function)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AlreadyInProgress(self.key, self._record)
+            if waiter is not None and self._record is not None:
+                await waiter(self.key, self._record.fence, min(remaining, _WAIT_SLICE))
+            else:
+                pause, delay = _backoff(delay)
+                await asyncio.sleep(min(pause, remaining))
+            if not self._settle(await self.idem._aretry(self._store.claim, self.request)):
+                return
+
+    async def _renew(self) -> None:
+        every = self.opts.renew_every or 1.0
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._store.renew(self.key, self.fence or 0, self.opts.lease)
+            except LeaseLost as exc:
+                self.lease_lost = exc
+                return
+            except StoreUnavailable as exc:
+                self.idem._emit(EventKind.STORE_ERROR, self.key, self.opts.function, error=exc)
+
+    async def _stop_renewer(self) -> None:
+        task, self._renewer = self._renewer, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def complete(self, value: Any, *, with_items: Sequence[Any] | None = None) -> None:
+        await self._finish(value, None, with_items)
+
+    async def _finish(
+        self, value: Any, error: BaseException | None, with_items: Sequence[Any] | None = None
+    ) -> None:
+        if self.unprotected:
+            self._done = True
+            return
+        fence = self._check_held()
+        await self._stop_renewer()
+        if self.lease_lost is not None:
+            raise self._lost(self.lease_lost)
+        try:
+            data = self._payload_for(value, error)
+        except ResultNotSerializable:
+            await self.release()
+            raise
+        if data is None:
+            await self.release()
+            return
+        try:
+            rec = await self.idem._aretry(
+                self._store.complete, self.key, fence, data, self.opts.ttl, with_items=with_items
+            )
+        except LeaseLost as exc:
+            raise self._lost(exc) from None
+        self._done = True
+        self.idem._emit(EventKind.COMPLETED, self.key, self.opts.function, fence)
+        self.idem._remember(self.key, rec)
+
+    async def release(self) -> None:
+        if self._done or self.fence is None or self.unprotected:
+            return
+        await self._stop_renewer()
+        self._done = True
+        try:
+            await self.idem._aretry(self._store.release, self.key, self.fence)
+        except LeaseLost as exc:
+            self._lost(exc)
+            return
+        self.idem._emit(EventKind.RELEASED, self.key, self.opts.function, self.fence)
+
+    async def __aenter__(self) -> AsyncCall:
+        return await self.enter() if self.outcome is None else self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if self._done or self.fence is None:
+            await self._stop_renewer()
+            return
+        if exc is not None:
+            try:
+                await self._finish(None, exc)
+            except Exception:
+                logger.exception("could not settle the claim on %r after an error", self.key)
+            return
+
+        logger.warning("claim on %r ended without complete(); released", self.key)
+        await self.release()
