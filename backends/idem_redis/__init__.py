@@ -1,0 +1,1 @@
+"""Redis store for idem-core: one hash per record, one Lua script per transition."""

@@ -1,0 +1,371 @@
+"""The asyncio Redis store, on ``redis.asyncio``: the same scripts and rules as :mod:`.sync`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from idem_core.errors import ConfigurationError, StoreUnavailable
+from idem_core.record import ClaimRequest, ClaimResult, Record, micros
+
+from . import common
+from .common import Config, translate
+from .scripts import CLUSTER, STANDALONE, Script, vars_of
+
+_POLL_MIN = 0.02
+_POLL_MAX = 0.5
+_RECHECK = 1.0
+_SUBSCRIBED = {"subscribe", b"subscribe", "ssubscribe", b"ssubscribe"}
+
+
+def build_client(config: Config) -> Any:
+    """A ``redis.asyncio`` client for ``config``, with bounded timeouts and retries."""
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), config.retries)
+    kwargs = common.timeouts(config)
+    if config.kind == "standalone":
+        return aredis.Redis.from_url(config.url, retry=retry, **kwargs)
+    if config.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
+            retry=retry,
+            **{**config.kwargs, **kwargs},
+        )
+    from redis.asyncio.sentinel import Sentinel
+
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(config.nodes),
+        sentinel_kwargs={**config.sentinel_kwargs, **common.timeouts(config)},
+        retry=retry,
+        **{**config.kwargs, **kwargs},
+    )
+    return sentinel.master_for(config.service)
+
+
+class AsyncRedisStore:
+    """The asyncio twin of :class:`~idem_redis.sync.RedisStore`.
+
+    ``redis.asyncio`` pools do not notice ``os.fork()``; a store that opened its own client
+    builds a new one in a child process instead of touching the parent's sockets.
+    """
+
+    max_key_length = common.MAX_KEY_LENGTH
+    server_clock = True
+
+    def __init__(self, config: Config, client: Any = None) -> None:
+        from redis.asyncio.cluster import RedisCluster
+
+        self.config = config
+        self._owned = client is None
+        if client is None:
+            client = build_client(config)
+        else:
+            import redis.asyncio as aredis
+
+            if not isinstance(client, aredis.Redis | RedisCluster):
+                raise ConfigurationError(
+                    f"client= must be a redis.asyncio.Redis or RedisCluster, not "
+                    f"{type(client).__name__} (use open for sync clients)"
+                )
+            if common.decode_responses_on(client):
+                raise ConfigurationError(
+                    "the Redis client decodes responses; results are bytes, so give a client "
+                    "made with decode_responses=False"
+                )
+        self._client = client
+        self._pid = os.getpid()
+        self.cluster = isinstance(client, RedisCluster)
+        self.scripts = CLUSTER if self.cluster else STANDALONE
+        self.prefix = config.prefix
+        self._loaded = not self.cluster
+        self._loading: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        kind = "cluster" if self.cluster else self.config.kind
+        return f"<AsyncRedisStore {kind} {self.prefix!r}>"
+
+    @property
+    def client(self) -> Any:
+        if self._pid != os.getpid() and self._owned:
+            # The parent's sockets and event loop are not ours: start afresh, and leave the
+            # old client alone (closing it could disturb the parent's connections).
+            self._pid = os.getpid()
+            self._client = build_client(self.config)
+            self._loaded = not self.cluster
+            self._loading = None
+        return self._client
+
+    async def _load_scripts(self) -> None:
+        """Load every script on every primary before the first call on a cluster.
+
+        ``redis.asyncio``'s cluster client mishandles NOSCRIPT replies on connections that
+        are still being set up concurrently (it drops them mid-handshake), so a cold client
+        under concurrent first calls must never see one.
+        """
+        from redis.asyncio.cluster import RedisCluster
+
+        if self._loading is None:
+            self._loading = asyncio.Lock()
+        async with self._loading:
+            if self._loaded:
+                return
+            client = self.client
+            for script in vars_of(self.scripts):
+                await client.execute_command(
+                    "SCRIPT LOAD", script.text, target_nodes=RedisCluster.PRIMARIES
+                )
+            self._loaded = True
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    async def _run(self, script: Script, rkey: str, *args: Any) -> Any:
+        if not self._loaded:
+            await self._load_scripts()
+        client = self.client
+        try:
+            return await client.execute_command("EVALSHA", script.sha, 1, rkey, *args)
+        except Exception as exc:
+            if not common.is_noscript(exc):
+                raise
+        return await client.execute_command("EVAL", script.text, 1, rkey, *args)
+
+    async def _run_and_wait(self, script: Script, rkey: str, *args: Any) -> Any:
+        if self.config.wait_replicas <= 0:
+            return await self._run(script, rkey, *args)
+        if not self._loaded:
+            await self._load_scripts()
+        wait = ("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
+        for command in ("EVALSHA", "EVAL"):
+            body = script.sha if command == "EVALSHA" else script.text
+            call = (command, body, 1, rkey, *args)
+            if self.cluster:
+                reply, acked = await self._on_primary(rkey, call, wait)
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.execute_command(*call)
+                pipe.execute_command(*wait)
+                reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception) and common.is_noscript(reply):
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acked, Exception):
+                raise acked
+            common.check_wait(acked, self.config, rkey)
+            return reply
+        raise StoreUnavailable(f"the {script.name} script could not be loaded")
+
+    async def _on_primary(self, rkey: str, *commands: tuple[Any, ...]) -> list[Any]:
+        """Commands on one connection to the key's primary (``WAIT`` counts that connection's
+        writes), in one round trip."""
+        node = self.client.get_node_from_key(rkey)
+        conn = node.acquire_connection()
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except Exception as exc:
+                    from redis.exceptions import ResponseError
+
+                    if not isinstance(exc, ResponseError):
+                        raise
+                    replies.append(exc)
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            node.release(conn)
+        return replies
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        with translate("claim"):
+            reply = await self._run_and_wait(
+                self.scripts.claim, self._k(request.key), *common.claim_args(request)
+            )
+        return common.claim_result(request, reply)
+
+    async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        """One pipeline: one round trip per server (per cluster node holding the keys)."""
+        if not requests:
+            return []
+        if self.config.wait_replicas > 0:
+            return [await self.claim(r) for r in requests]
+        script = self.scripts.claim
+        replies: list[Any] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        with translate("claim_many"):
+            if not self._loaded:
+                await self._load_scripts()
+            for command in ("EVALSHA", "EVAL"):
+                body = script.sha if command == "EVALSHA" else script.text
+                pipe = self.client.pipeline(transaction=False)
+                for i in todo:
+                    req = requests[i]
+                    pipe.execute_command(
+                        command, body, 1, self._k(req.key), *common.claim_args(req)
+                    )
+                results = await pipe.execute(raise_on_error=False)
+                missing = []
+                for i, res in zip(todo, results, strict=True):
+                    if isinstance(res, Exception) and common.is_noscript(res):
+                        missing.append(i)
+                    elif isinstance(res, Exception):
+                        raise res
+                    else:
+                        replies[i] = res
+                todo = missing
+                if not todo:
+                    break
+            if todo:
+                raise StoreUnavailable("the claim script could not be loaded")
+        return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
+
+    async def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        if with_items:
+            raise ConfigurationError(
+                "Redis cannot commit with_items atomically with a result; write them yourself "
+                "before completing"
+            )
+        with translate("complete"):
+            reply = await self._run_and_wait(
+                self.scripts.complete, self._k(key), str(fence), result, micros(ttl)
+            )
+        return common.complete_result(key, fence, result, ttl, reply)
+
+    async def release(self, key: str, fence: int) -> None:
+        with translate("release"):
+            reply = await self._run(self.scripts.release, self._k(key), str(fence))
+        common.release_result(key, fence, reply)
+
+    async def renew(self, key: str, fence: int, lease: float) -> Record:
+        with translate("renew"):
+            reply = await self._run(self.scripts.renew, self._k(key), str(fence), micros(lease))
+        return common.renew_result(key, fence, lease, reply)
+
+    async def _read(self, key: str) -> tuple[Record | None, int]:
+        with translate("get"):
+            reply = await self._run(self.scripts.get, self._k(key))
+        return common.get_result(key, reply)
+
+    async def get(self, key: str) -> Record | None:
+        return (await self._read(key))[0]
+
+    async def delete(self, key: str) -> None:
+        with translate("delete"):
+            await self._run(self.scripts.delete, self._k(key))
+
+    async def now(self) -> int:
+        with translate("now"):
+            if self.cluster:
+                from redis.asyncio.cluster import RedisCluster
+
+                reply = await self.client.time(target_nodes=RedisCluster.RANDOM)
+            else:
+                reply = await self.client.time()
+        return common.server_micros(reply)
+
+    async def wait_for_change(self, key: str, fence: int, timeout: float) -> None:  # noqa: ASYNC109
+        """Return once ``key`` is no longer held with ``fence``, or after ``timeout``.
+
+        Subscribe (and wait for the confirmation) first, then re-read, so a change in
+        between is never missed; without pub/sub, poll with backoff.
+        """
+        from redis.exceptions import RedisError
+
+        deadline = time.monotonic() + timeout
+        pubsub = await self._subscribe(self._k(key), deadline)
+        delay = _POLL_MIN
+        try:
+            while True:
+                record, now = await self._read(key)
+                if not common.still_held(record, fence, now):
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                assert record is not None
+                until_lapse = (record.lease_expires_at - now) / 1_000_000 + 0.001
+                pause = min(remaining, until_lapse, _RECHECK)
+                if pubsub is not None:
+                    try:
+                        await self._next(pubsub, pause)
+                    except (RedisError, OSError):
+                        await self._unsubscribe(pubsub)
+                        pubsub = None
+                else:
+                    await asyncio.sleep(min(pause, delay))
+                    delay = min(delay * 2, _POLL_MAX)
+        finally:
+            if pubsub is not None:
+                await self._unsubscribe(pubsub)
+
+    async def _subscribe(self, channel: str, deadline: float) -> Any:
+        from redis.exceptions import RedisError
+
+        pubsub: Any = None
+        try:
+            pubsub = self.client.pubsub()
+            if self.cluster:
+                await pubsub.ssubscribe(channel)
+            else:
+                await pubsub.subscribe(channel)
+            while time.monotonic() < deadline:
+                wait = max(0.0, min(1.0, deadline - time.monotonic()))
+                message = await self._next(pubsub, wait)
+                if message is not None and message.get("type") in _SUBSCRIBED:
+                    return pubsub
+        except (RedisError, OSError):
+            pass
+        if pubsub is not None:
+            await self._unsubscribe(pubsub)
+        return None
+
+    async def _next(self, pubsub: Any, seconds: float) -> Any:
+        if self.cluster:
+            return await pubsub.get_sharded_message(timeout=seconds)
+        return await pubsub.get_message(timeout=seconds)
+
+    @staticmethod
+    async def _unsubscribe(pubsub: Any) -> None:
+        from redis.exceptions import RedisError
+
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()
+
+    async def diagnostics(self) -> dict[str, object]:
+        from redis.utils import HIREDIS_AVAILABLE
+
+        with translate("diagnostics"):
+            if self.cluster:
+                from redis.asyncio.cluster import RedisCluster
+
+                info = await self.client.info(target_nodes=RedisCluster.RANDOM)
+                nodes = len(self.client.get_primaries())
+            else:
+                info = await self.client.info()
+                nodes = 1
+        return common.diagnostics(self, info, nodes, HIREDIS_AVAILABLE)
+
+    async def close(self) -> None:
+        if self._owned and self._pid == os.getpid():
+            await self._client.aclose()

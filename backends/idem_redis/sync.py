@@ -1,0 +1,310 @@
+"""The synchronous Redis store, on redis-py (hiredis parses replies when it is installed)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from idem_core.errors import ConfigurationError, StoreUnavailable
+from idem_core.record import ClaimRequest, ClaimResult, Record, micros
+
+from . import common
+from .common import Config, translate
+from .scripts import CLUSTER, STANDALONE, Script
+
+_POLL_MIN = 0.02
+_POLL_MAX = 0.5
+# Re-read the record at least this often while subscribed, in case a message was lost
+# (a reconnect drops the subscription until it is renewed).
+_RECHECK = 1.0
+
+
+def build_client(config: Config) -> Any:
+    """A redis-py client for ``config``, with bounded timeouts and retries."""
+    import redis
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+
+    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), config.retries)
+    kwargs = common.timeouts(config)
+    if config.kind == "standalone":
+        return redis.Redis.from_url(config.url, retry=retry, **kwargs)
+    if config.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],  # type: ignore[no-untyped-call]
+            retry=retry,
+            **{**config.kwargs, **kwargs},
+        )
+    from redis.sentinel import Sentinel
+
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(config.nodes),
+        sentinel_kwargs={**config.sentinel_kwargs, **common.timeouts(config)},
+        retry=retry,
+        **{**config.kwargs, **kwargs},
+    )
+    return sentinel.master_for(config.service)  # type: ignore[no-untyped-call]
+
+
+def is_cluster(client: Any) -> bool:
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
+
+
+class RedisStore:
+    """Records in Redis hashes, one key each, changed only by the scripts in :mod:`.scripts`."""
+
+    max_key_length = common.MAX_KEY_LENGTH
+    server_clock = True
+
+    def __init__(self, config: Config, client: Any = None) -> None:
+        self.config = config
+        self._owned = client is None
+        if client is None:
+            client = build_client(config)
+        else:
+            import redis
+
+            if not isinstance(client, redis.Redis | redis.RedisCluster):
+                raise ConfigurationError(
+                    f"client= must be a redis.Redis or redis.RedisCluster, not "
+                    f"{type(client).__name__} (use open_async for redis.asyncio clients)"
+                )
+            if common.decode_responses_on(client):
+                raise ConfigurationError(
+                    "the Redis client decodes responses; results are bytes, so give a client "
+                    "made with decode_responses=False"
+                )
+        self.client = client
+        self.cluster = is_cluster(client)
+        self.scripts = CLUSTER if self.cluster else STANDALONE
+        self.prefix = config.prefix
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {'cluster' if self.cluster else self.config.kind} {self.prefix!r}>"
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    def _run(self, script: Script, rkey: str, *args: Any) -> Any:
+        try:
+            return self.client.execute_command("EVALSHA", script.sha, 1, rkey, *args)
+        except Exception as exc:
+            if not common.is_noscript(exc):
+                raise
+        # A server that restarted or flushed its script cache: EVAL loads the script again.
+        return self.client.execute_command("EVAL", script.text, 1, rkey, *args)
+
+    def _run_and_wait(self, script: Script, rkey: str, *args: Any) -> Any:
+        """The script and ``WAIT`` on the same connection, in one round trip."""
+        if self.config.wait_replicas <= 0:
+            return self._run(script, rkey, *args)
+        target = self.client
+        if self.cluster:
+            # WAIT counts the writes of its own connection: send it to the key's primary.
+            target = self.client.get_redis_connection(self.client.get_node_from_key(rkey))
+        wait = ("WAIT", self.config.wait_replicas, self.config.wait_timeout_ms)
+        for command in ("EVALSHA", "EVAL"):
+            pipe = target.pipeline(transaction=False)
+            body = script.sha if command == "EVALSHA" else script.text
+            pipe.execute_command(command, body, 1, rkey, *args)
+            pipe.execute_command(*wait)
+            reply, acked = pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception) and common.is_noscript(reply):
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acked, Exception):
+                raise acked
+            common.check_wait(acked, self.config, rkey)
+            return reply
+        raise StoreUnavailable(f"the {script.name} script could not be loaded")
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        with translate("claim"):
+            reply = self._run_and_wait(
+                self.scripts.claim, self._k(request.key), *common.claim_args(request)
+            )
+        return common.claim_result(request, reply)
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        """One pipeline: one round trip per server (per cluster node holding the keys)."""
+        if not requests:
+            return []
+        if self.config.wait_replicas > 0:
+            return [self.claim(r) for r in requests]
+        script = self.scripts.claim
+        replies: list[Any] = [None] * len(requests)
+        todo = list(range(len(requests)))
+        with translate("claim_many"):
+            for command in ("EVALSHA", "EVAL"):
+                body = script.sha if command == "EVALSHA" else script.text
+                pipe = self.client.pipeline(transaction=False)
+                for i in todo:
+                    req = requests[i]
+                    pipe.execute_command(
+                        command, body, 1, self._k(req.key), *common.claim_args(req)
+                    )
+                results = pipe.execute(raise_on_error=False)
+                missing = []
+                for i, res in zip(todo, results, strict=True):
+                    if isinstance(res, Exception) and common.is_noscript(res):
+                        missing.append(i)
+                    elif isinstance(res, Exception):
+                        raise res
+                    else:
+                        replies[i] = res
+                todo = missing
+                if not todo:
+                    break
+            if todo:
+                raise StoreUnavailable("the claim script could not be loaded")
+        return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
+
+    def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        if with_items:
+            raise ConfigurationError(
+                "Redis cannot commit with_items atomically with a result; write them yourself "
+                "before completing"
+            )
+        with translate("complete"):
+            reply = self._run_and_wait(
+                self.scripts.complete, self._k(key), str(fence), result, micros(ttl)
+            )
+        return common.complete_result(key, fence, result, ttl, reply)
+
+    def release(self, key: str, fence: int) -> None:
+        with translate("release"):
+            reply = self._run(self.scripts.release, self._k(key), str(fence))
+        common.release_result(key, fence, reply)
+
+    def renew(self, key: str, fence: int, lease: float) -> Record:
+        with translate("renew"):
+            reply = self._run(self.scripts.renew, self._k(key), str(fence), micros(lease))
+        return common.renew_result(key, fence, lease, reply)
+
+    def _read(self, key: str) -> tuple[Record | None, int]:
+        with translate("get"):
+            reply = self._run(self.scripts.get, self._k(key))
+        return common.get_result(key, reply)
+
+    def get(self, key: str) -> Record | None:
+        return self._read(key)[0]
+
+    def delete(self, key: str) -> None:
+        with translate("delete"):
+            self._run(self.scripts.delete, self._k(key))
+
+    def now(self) -> int:
+        with translate("now"):
+            if self.cluster:
+                from redis.cluster import RedisCluster
+
+                reply = self.client.time(target_nodes=RedisCluster.RANDOM)
+            else:
+                reply = self.client.time()
+        return common.server_micros(reply)
+
+    def wait_for_change(self, key: str, fence: int, timeout: float) -> None:
+        """Return once ``key`` is no longer held with ``fence``, or after ``timeout``.
+
+        Subscribes to the key's channel (the scripts publish on complete, release and
+        delete), waits for the subscription to be confirmed, then re-reads, so a change
+        between the read and the wait is never missed. Without pub/sub it polls.
+        """
+        from redis.exceptions import RedisError
+
+        deadline = time.monotonic() + timeout
+        pubsub = self._subscribe(self._k(key), deadline)
+        delay = _POLL_MIN
+        try:
+            while True:
+                record, now = self._read(key)
+                if not common.still_held(record, fence, now):
+                    return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                assert record is not None
+                until_lapse = (record.lease_expires_at - now) / 1_000_000 + 0.001
+                pause = min(remaining, until_lapse, _RECHECK)
+                if pubsub is not None:
+                    try:
+                        self._next(pubsub, pause)
+                    except (RedisError, OSError):
+                        self._unsubscribe(pubsub)
+                        pubsub = None
+                else:
+                    time.sleep(min(pause, delay))
+                    delay = min(delay * 2, _POLL_MAX)
+        finally:
+            if pubsub is not None:
+                self._unsubscribe(pubsub)
+
+    def _subscribe(self, channel: str, deadline: float) -> Any:
+        from redis.exceptions import RedisError
+
+        pubsub: Any = None
+        try:
+            pubsub = self.client.pubsub()
+            if self.cluster:
+                pubsub.ssubscribe(channel)
+            else:
+                pubsub.subscribe(channel)
+            while time.monotonic() < deadline:
+                message = self._next(pubsub, max(0.0, min(1.0, deadline - time.monotonic())))
+                if message is not None and message.get("type") in {
+                    "subscribe",
+                    b"subscribe",
+                    "ssubscribe",
+                    b"ssubscribe",
+                }:
+                    return pubsub
+        except (RedisError, OSError):
+            pass
+        if pubsub is not None:
+            self._unsubscribe(pubsub)
+        return None
+
+    def _next(self, pubsub: Any, timeout: float) -> Any:
+        if self.cluster:
+            return pubsub.get_sharded_message(timeout=timeout)
+        return pubsub.get_message(timeout=timeout)
+
+    @staticmethod
+    def _unsubscribe(pubsub: Any) -> None:
+        from redis.exceptions import RedisError
+
+        with contextlib.suppress(RedisError, OSError):
+            pubsub.close()
+
+    def diagnostics(self) -> dict[str, object]:
+        from redis.utils import HIREDIS_AVAILABLE
+
+        with translate("diagnostics"):
+            if self.cluster:
+                from redis.cluster import RedisCluster
+
+                info = self.client.info(target_nodes=RedisCluster.RANDOM)
+                nodes = len(self.client.get_primaries())
+            else:
+                info = self.client.info()
+                nodes = 1
+        return common.diagnostics(self, info, nodes, HIREDIS_AVAILABLE)
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
