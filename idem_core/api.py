@@ -72,6 +72,7 @@ class Idempotency:
         on_store_error: str = "fail",
         local_cache: int = 0,
         retries: int = 1,
+        instrument: Callable[[Any], Any] | None = None,
     ) -> None:
         if store is None and astore is None and url is None:
             raise ConfigurationError("give a store, an astore or a url")
@@ -87,8 +88,10 @@ class Idempotency:
         self.retries = retries
         self._client = client
         self._store_options = store_options or {}
-        self._store = store
-        self._astore = astore
+        #: applied to every store this object uses (e.g. metrics around each operation)
+        self.instrument = instrument
+        self._store = instrument(store) if instrument and store is not None else store
+        self._astore = instrument(astore) if instrument and astore is not None else astore
         self._owned: list[Store] = []
         self._aowned: list[AsyncStore] = []
         self._pid = os.getpid()
@@ -141,6 +144,8 @@ class Idempotency:
                 if self.url is None:
                     raise ConfigurationError("this Idempotency was given only an async store")
                 self._store = open_store(self.url, client=self._client, **self._store_options)
+                if self.instrument is not None:
+                    self._store = self.instrument(self._store)
                 self._pid = os.getpid()
                 self._owned.append(self._store)
             return self._store
@@ -164,6 +169,8 @@ class Idempotency:
                     self._aowned.append(self._astore)
                 else:
                     raise ConfigurationError("this Idempotency was given only a sync store")
+                if self.instrument is not None:
+                    self._astore = self.instrument(self._astore)
                 self._apid = os.getpid()
             return self._astore
 
@@ -299,6 +306,64 @@ class Idempotency:
         )
         req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
         return AsyncCall(self, store, req, opts)
+
+    def claim_many(
+        self,
+        items: Sequence[tuple[str, Any]],
+        *,
+        lease: float | None = None,
+        ttl: float | None = None,
+        result_type: Any = Any,
+        cache_errors: tuple[type[BaseException], ...] = (),
+    ) -> list[Call]:
+        """Claim a batch of ``(key, payload)`` in one store call where the store can.
+
+        Nothing is raised for a duplicate: each call's ``outcome`` says what it found
+        (``replayed`` calls carry ``result``; ``IN_PROGRESS`` and ``MISMATCH`` hold nothing).
+        """
+        store = self.store
+        opts = Options(
+            ttl=ttl or self.ttl,
+            lease=lease or self.lease,
+            codec=ResultCodec(result_type, cache_errors),
+            cache_errors=cache_errors,
+        )
+        limit = store.max_key_length
+        reqs = [self._request(k, p, opts.lease, opts.ttl, "", limit) for k, p in items]
+        results = self._retry(store.claim_many, reqs)
+        calls = []
+        for req, res in zip(reqs, results, strict=True):
+            call = Call(self, store, req, opts)
+            call.adopt(res)
+            calls.append(call)
+        return calls
+
+    async def aclaim_many(
+        self,
+        items: Sequence[tuple[str, Any]],
+        *,
+        lease: float | None = None,
+        ttl: float | None = None,
+        result_type: Any = Any,
+        cache_errors: tuple[type[BaseException], ...] = (),
+    ) -> list[AsyncCall]:
+        """The asyncio twin of :meth:`claim_many`."""
+        store = self.astore
+        opts = Options(
+            ttl=ttl or self.ttl,
+            lease=lease or self.lease,
+            codec=ResultCodec(result_type, cache_errors),
+            cache_errors=cache_errors,
+        )
+        limit = store.max_key_length
+        reqs = [self._request(k, p, opts.lease, opts.ttl, "", limit) for k, p in items]
+        results = await self._aretry(store.claim_many, reqs)
+        calls = []
+        for req, res in zip(reqs, results, strict=True):
+            call = AsyncCall(self, store, req, opts)
+            call.adopt(res)
+            calls.append(call)
+        return calls
 
     # -- the decorator ------------------------------------------------------------------
 
@@ -455,6 +520,8 @@ class Idempotency:
             return value
 
         return cast(Callable[P, R], wrapper)
+
+    # -- integrations (thin delegations to idem_core.integrations) -------------------------
 
 
 def _in_process(url: str) -> bool:

@@ -146,6 +146,11 @@ class _Steps:
             return True
         raise AlreadyInProgress(self.key, res.record)
 
+    def adopt(self, res: ClaimResult) -> None:
+        """Take a claim made elsewhere (a batch) without raising: inspect ``outcome``."""
+        with contextlib.suppress(AlreadyInProgress, PayloadMismatch):
+            self._settle(res)
+
     def _fail_open(self, exc: StoreUnavailable) -> bool:
         self.idem._emit(EventKind.STORE_ERROR, self.key, self.opts.function, error=exc)
         if self.idem.on_store_error != "fail_open":

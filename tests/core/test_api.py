@@ -541,3 +541,36 @@ def test_a_forked_child_opens_its_own_store() -> None:
     assert q.get(timeout=5) != id(parent)
     assert idem.store is parent
     assert os.getpid() == idem._pid
+
+
+def test_claim_many_reports_each_outcome(idem: Idempotency) -> None:
+    with idem.claim("b", payload=1) as call:
+        call.complete("done-b")
+    with idem.claim("c", payload=1) as held:
+        calls = idem.claim_many([("a", 1), ("b", 1), ("c", 1), ("b", 2)])
+        held.complete("done-c")
+    assert [c.outcome.value for c in calls if c.outcome] == [
+        "claimed",
+        "completed",
+        "in_progress",
+        "mismatch",
+    ]
+    assert calls[1].result == "done-b"
+    calls[0].complete("done-a")
+    with idem.claim("a", payload=1) as again:
+        assert again.replayed and again.result == "done-a"
+
+
+async def test_aclaim_many_and_instrument() -> None:
+    seen: list[Any] = []
+
+    def instrument(store: Any) -> Any:
+        seen.append(store)
+        return store
+
+    idem = Idempotency.from_url("memory://", instrument=instrument)
+    calls = await idem.aclaim_many([("x", None), ("y", None)])
+    assert [c.outcome.value for c in calls if c.outcome] == ["claimed", "claimed"]
+    for c in calls:
+        await c.complete(1)
+    assert len(seen) == 2  # the sync store (shared records) and its async twin
