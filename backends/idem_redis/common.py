@@ -151,7 +151,9 @@ def parse(url: str) -> Config:
     if scheme in {"redis", "rediss", "unix"}:
         if "ssl" in own:
             raise ConfigurationError(f"use rediss:// for TLS, not ?ssl= ({url!r})")
-        rest = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+        rest = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        if query:
+            rest += "?" + urlencode(query)
         return Config(kind="standalone", url=rest, **common)
     if scheme == "redis+cluster":
         userinfo, nodes = _hosts(parts.netloc, 6379, url)

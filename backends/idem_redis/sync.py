@@ -138,32 +138,67 @@ class RedisStore:
             return []
         if self.config.wait_replicas > 0:
             return [self.claim(r) for r in requests]
+        if self.cluster:
+            return self._claim_many_cluster(requests)
+        with translate("claim_many"):
+            replies = self._pipelined(self.client, requests)
+        return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
+
+    def _pipelined(self, target: Any, requests: Sequence[ClaimRequest]) -> list[Any]:
+        """EVALSHA for each request in one pipeline on ``target``; EVAL for any NOSCRIPT."""
         script = self.scripts.claim
         replies: list[Any] = [None] * len(requests)
         todo = list(range(len(requests)))
+        for command in ("EVALSHA", "EVAL"):
+            body = script.sha if command == "EVALSHA" else script.text
+            pipe = target.pipeline(transaction=False)
+            for i in todo:
+                req = requests[i]
+                pipe.execute_command(command, body, 1, self._k(req.key), *common.claim_args(req))
+            results = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, res in zip(todo, results, strict=True):
+                if isinstance(res, Exception) and common.is_noscript(res):
+                    missing.append(i)
+                else:
+                    replies[i] = res
+            todo = missing
+            if not todo:
+                return replies
+        raise StoreUnavailable("the claim script could not be loaded")
+
+    def _claim_many_cluster(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
+        """One pipeline per primary holding the keys.
+
+        redis-py's sync cluster pipeline asks the server for the keys of every EVALSHA
+        (``COMMAND GETKEYS``, one trip each), so the commands are grouped here by node and
+        sent on each node's own client. A key that moved meanwhile is claimed on its own,
+        through the cluster client that follows the redirection.
+        """
+        from redis.exceptions import AskError, MovedError, TryAgainError
+
+        groups: dict[str, list[int]] = {}
         with translate("claim_many"):
-            for command in ("EVALSHA", "EVAL"):
-                body = script.sha if command == "EVALSHA" else script.text
-                pipe = self.client.pipeline(transaction=False)
-                for i in todo:
+            nodes = {}
+            for i, req in enumerate(requests):
+                node = self.client.get_node_from_key(self._k(req.key))
+                nodes[node.name] = node
+                groups.setdefault(node.name, []).append(i)
+            replies: list[Any] = [None] * len(requests)
+            for name, indices in groups.items():
+                target = self.client.get_redis_connection(nodes[name])
+                got = self._pipelined(target, [requests[i] for i in indices])
+                for i, reply in zip(indices, got, strict=True):
+                    replies[i] = reply
+            for i, reply in enumerate(replies):
+                if isinstance(reply, MovedError | AskError | TryAgainError):
                     req = requests[i]
-                    pipe.execute_command(
-                        command, body, 1, self._k(req.key), *common.claim_args(req)
+                    replies[i] = self._run(
+                        self.scripts.claim, self._k(req.key), *common.claim_args(req)
                     )
-                results = pipe.execute(raise_on_error=False)
-                missing = []
-                for i, res in zip(todo, results, strict=True):
-                    if isinstance(res, Exception) and common.is_noscript(res):
-                        missing.append(i)
-                    elif isinstance(res, Exception):
-                        raise res
-                    else:
-                        replies[i] = res
-                todo = missing
-                if not todo:
-                    break
-            if todo:
-                raise StoreUnavailable("the claim script could not be loaded")
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
         return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
 
     def complete(
