@@ -134,7 +134,7 @@ class SQL:
         self.stmt_now = self._text(f"SELECT {now}")
         ret = f" RETURNING {self.cols}" if self.returning else ""
         self.stmt_complete = self._text(
-            f"UPDATE {t} SET status = '{_COMPLETED}', result = :result, "
+            f"UPDATE {t} SET status = '{_COMPLETED}', result = {self.result_sql()}, "
             f"expires_at = {now} + :ttl, updated_at = {now} WHERE {self.holds}{ret}"
         )
         self.stmt_release = self._text(
@@ -154,6 +154,12 @@ class SQL:
 
     def greatest(self, a: str, b: str) -> str:
         return f"GREATEST({a}, {b})"
+
+    def result_sql(self) -> str:
+        return ":result"
+
+    def result_param(self, result: bytes) -> dict[str, Any]:
+        return {"result": result}
 
     def purge_sql(self) -> str:
         c, t, now = self.c, self.t, self.now
@@ -190,7 +196,7 @@ class SQL:
         return None, int(now)
 
     def complete(self, key: str, fence: int, result: bytes, ttl: float) -> Program[Record]:
-        params = {"key": key, "fence": fence, "result": result, "ttl": micros(ttl)}
+        params = {"key": key, "fence": fence, "ttl": micros(ttl), **self.result_param(result)}
         done = yield self.stmt_complete, params
         if self.returning and done.rows:
             return decode(done.rows[0])
@@ -252,6 +258,7 @@ _PARAM_TYPES: dict[str, Any] = {
     "ttl": BigInteger(),
     "batch": BigInteger(),
     "result": LargeBinary(),
+    "result_hex": Text(),
     "old_fence": BigInteger(),
     "old_status": String(),
     "old_lease": BigInteger(),
@@ -451,6 +458,16 @@ class MySQL(SQL):
 
     def now_sql(self) -> str:
         return "CAST(ROUND(@@timestamp * 1000000) AS SIGNED)"
+
+    def result_sql(self) -> str:
+        # aiomysql 0.3 cannot escape bytes with PyMySQL >= 1.1 (it imports a placeholder
+        # from pymysql.converters); hex text goes through every driver.
+        return "UNHEX(:result_hex)" if self.dialect.driver == "aiomysql" else ":result"
+
+    def result_param(self, result: bytes) -> dict[str, Any]:
+        if self.dialect.driver == "aiomysql":
+            return {"result_hex": result.hex()}
+        return {"result": result}
 
     def purge_sql(self) -> str:
         return (
