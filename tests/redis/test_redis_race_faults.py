@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import random
 import threading
@@ -204,6 +205,6 @@ async def test_frozen_server_times_out_async(own_server: RedisServer) -> None:
             res = await store.claim(req("k2"))
             break
         except StoreUnavailable:
-            time.sleep(0.02)
+            await asyncio.sleep(0.02)
     assert res.outcome is ClaimOutcome.CLAIMED
     await store.close()
