@@ -28,7 +28,7 @@ def client_config(settings: Settings, config_class: Any) -> Any:
     return config_class(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        retries={"mode": settings.retry_mode, "max_attempts": settings.max_attempts},
+        retries={"mode": settings.retry_mode, "total_max_attempts": settings.max_attempts},
         max_pool_connections=max(10, settings.pool_size * 2),
     )
 
