@@ -44,6 +44,8 @@ Program = Generator[Step, Rows, T]
 # A claim that loses a race re-reads and decides again; more than this means something is
 # rewriting the key in a tight loop.
 _MAX_RACES = 16
+# Requests per multi-row claim statement (SQLite allows 32766 parameters, 5 per request).
+_BATCH = 500
 _IN_PROGRESS = Status.IN_PROGRESS.value
 _COMPLETED = Status.COMPLETED.value
 
@@ -310,10 +312,18 @@ class PostgresSQL(SQL):
             f"UNION ALL SELECT false, cur.*, {now}, NULL, NULL, NULL, NULL FROM cur "
             "WHERE NOT EXISTS (SELECT 1 FROM ins {where})"
         )
+        # A live record the snapshot shows as not takeable is not even offered to the
+        # INSERT: ON CONFLICT would lock its row (and dirty its page) before its WHERE.
+        untakeable = (
+            f"SELECT 1 FROM cur WHERE NOT (cur.expires_at <= {now} OR "
+            f"(cur.status = '{_IN_PROGRESS}' AND cur.lease_expires_at <= {now}))"
+        )
         self.stmt_claim = self._text(
             f"WITH cur AS (SELECT {self.cols} FROM {t} WHERE {c['key']} = :key), "
-            f"ins AS (INSERT INTO {t} AS r ({self.cols}) VALUES (:key, '{_IN_PROGRESS}', "
-            f":fingerprint, {now}, {now} + :lease, {now} + :life, :attempt, {now}, {now}, NULL) "
+            f"ins AS (INSERT INTO {t} AS r ({self.cols}) SELECT CAST(:key AS VARCHAR), "
+            f"'{_IN_PROGRESS}', CAST(:fingerprint AS TEXT), {now}, {now} + CAST(:lease AS BIGINT), "
+            f"{now} + CAST(:life AS BIGINT), CAST(:attempt AS TEXT), {now}, {now}, NULL "
+            f"WHERE NOT EXISTS ({untakeable}) "
             f"{on_conflict}(SELECT fence, status, lease_expires_at, expires_at FROM cur) "
             f"RETURNING {r_cols}) " + answer.format(join="true", where="")
         )
@@ -325,6 +335,7 @@ class PostgresSQL(SQL):
             f"JOIN req ON t.{c['key']} = req.k), "
             f"ins AS (INSERT INTO {t} AS r ({self.cols}) SELECT k, '{_IN_PROGRESS}', fp, {now}, "
             f"{now} + lease, {now} + life, att, {now}, {now}, NULL FROM req "
+            f"WHERE NOT EXISTS ({untakeable} AND cur.{c['key']} = req.k) "
             f"{on_conflict}(SELECT fence, status, lease_expires_at, expires_at FROM cur "
             f"WHERE cur.{c['key']} = r.{c['key']}) RETURNING {r_cols}) "
             + answer.format(
@@ -397,8 +408,9 @@ class SQLiteSQL(SQL):
             f"(:key, '{_IN_PROGRESS}', :fingerprint, {now}, {now} + :lease, {now} + :life, "
             f":attempt, {now}, {now}, NULL)"
         )
-        self.stmt_claim = self._text(
-            f"INSERT INTO {t} ({self.cols}) VALUES {values} "
+        self._batches: dict[int, TextClause] = {}
+        self._claim_sql = (
+            f"INSERT INTO {t} ({self.cols}) VALUES :values "
             f"ON CONFLICT ({c['key']}) DO UPDATE SET status = excluded.status, "
             "fingerprint = excluded.fingerprint, fence = max(excluded.fence, fence + 1), "
             "lease_expires_at = excluded.lease_expires_at, expires_at = excluded.expires_at, "
@@ -407,6 +419,7 @@ class SQLiteSQL(SQL):
             f"WHERE expires_at <= excluded.created_at OR "
             f"(status = '{_IN_PROGRESS}' AND lease_expires_at = 0) RETURNING {self.cols}"
         )
+        self.stmt_claim = self._text(self._claim_sql.replace(":values", values))
         self.stmt_take = self._text(
             f"UPDATE {t} SET status = '{_IN_PROGRESS}', fingerprint = :fingerprint, "
             f"fence = max({now}, fence + 1), lease_expires_at = {now} + :lease, "
@@ -418,12 +431,57 @@ class SQLiteSQL(SQL):
             f"AND lease_expires_at <= {now})) RETURNING {self.cols}"
         )
 
+    def _batch_claim(self, n: int) -> TextClause:
+        """One upsert for ``n`` requests (``key_0``, ``fingerprint_0``, ... parameters)."""
+        if (stmt := self._batches.get(n)) is not None:
+            return stmt
+        now = self.now
+        values = ", ".join(
+            f"(:key_{i}, '{_IN_PROGRESS}', :fingerprint_{i}, {now}, {now} + :lease_{i}, "
+            f"{now} + :life_{i}, :attempt_{i}, {now}, {now}, NULL)"
+            for i in range(n)
+        )
+        stmt = text(self._claim_sql.replace(":values", values)).bindparams(
+            *(
+                bindparam(f"{name}_{i}", type_=_PARAM_TYPES[name])
+                for i in range(n)
+                for name in ("key", "fingerprint", "attempt", "lease", "life")
+            )
+        )
+        self._batches[n] = stmt
+        return stmt
+
+    def claim_many(self, requests: Sequence[ClaimRequest]) -> Program[list[ClaimResult]]:
+        results: list[ClaimResult] = []
+        for start in range(0, len(requests), _BATCH):
+            chunk = requests[start : start + _BATCH]
+            params = {
+                f"{name}_{i}": value
+                for i, request in enumerate(chunk)
+                for name, value in _claim_params(request).items()
+            }
+            rows = (yield self._batch_claim(len(chunk)), params).rows
+            # A key twice in one batch: the first request inserts, the second finds it.
+            won = {(r.key, r.attempt): r for r in map(decode, rows)}
+            for request in chunk:
+                record = won.pop((request.key, request.attempt), None)
+                if record is not None:
+                    results.append(ClaimResult(ClaimOutcome.CLAIMED, record))
+                else:
+                    results.append((yield from self._claim(request, inserted=False)))
+        return results
+
     def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+        return (yield from self._claim(request, inserted=True))
+
+    def _claim(self, request: ClaimRequest, *, inserted: bool) -> Program[ClaimResult]:
         params = _claim_params(request)
         for _ in range(_MAX_RACES):
-            rows = (yield self.stmt_claim, params).rows
-            if rows:
-                return ClaimResult(ClaimOutcome.CLAIMED, decode(rows[0]))
+            if inserted:
+                rows = (yield self.stmt_claim, params).rows
+                if rows:
+                    return ClaimResult(ClaimOutcome.CLAIMED, decode(rows[0]))
+            inserted = True
             current, now = yield from self.read(request.key)
             if current is None:
                 continue
