@@ -1,0 +1,104 @@
+"""The server kills our connection mid-run (PostgreSQL ``pg_terminate_backend``, MariaDB
+``KILL``): the next call reconnects or raises StoreUnavailable; no result reported completed
+is lost, and no key is executed twice."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from idem_core.errors import StoreUnavailable
+from idem_core.record import ClaimRequest, Status
+from idem_core.registry import open_store
+
+T = TypeVar("T")
+KEYS = 120
+KILL_AT = {20, 50, 51, 90}
+
+
+@pytest.fixture
+def server(db: str, base_url: str) -> Iterator[tuple[str, Engine]]:
+    if db == "sqlite":
+        pytest.skip("SQLite has no server to kill our connection")
+    admin = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    yield db, admin
+    admin.dispose()
+
+
+def session_id(db: str, store: Any) -> int:
+    pid_sql = "SELECT pg_backend_pid()" if db == "postgresql" else "SELECT CONNECTION_ID()"
+    with store.engine.connect() as conn:
+        return int(conn.execute(text(pid_sql)).scalar_one())
+
+
+def kill_store_connection(db: str, store: Any, admin: Engine) -> int:
+    """Kill the server session of the store's one pooled connection; returns its id."""
+    pid = session_id(db, store)
+    kill = "SELECT pg_terminate_backend(:p)" if db == "postgresql" else "KILL :p"
+    with admin.connect() as conn:
+        conn.execute(text(kill), {"p": pid})
+    return pid
+
+
+def retrying(call: Callable[[], T], errors: list[StoreUnavailable]) -> T:
+    """What a caller does with StoreUnavailable: try again (claims carry their attempt)."""
+    for _ in range(5):
+        try:
+            return call()
+        except StoreUnavailable as exc:
+            errors.append(exc)
+    raise AssertionError(f"the store never came back: {errors[-1]}")
+
+
+@pytest.mark.slow
+def test_killed_connection_reconnects_without_loss_or_duplicates(
+    server: tuple[str, Engine], db_url: str
+) -> None:
+    db, admin = server
+    store = open_store(db_url + "&pool_size=1&max_overflow=0")
+    store.setup()
+    run = uuid.uuid4().hex[:8]
+    executions: dict[str, int] = {}
+    completed: dict[str, bytes] = {}
+    errors: list[StoreUnavailable] = []
+    killed: set[int] = set()
+    try:
+        for i in range(KEYS):
+            key = f"fault-{run}-{i}"
+            if i in KILL_AT:
+                killed.add(kill_store_connection(db, store, admin))
+            req = ClaimRequest(key=key, fingerprint="fp", attempt=uuid.uuid4().hex, lease=30, ttl=600)
+            for delivery in range(2):  # every key is delivered twice
+                if delivery:
+                    req = ClaimRequest(
+                        key=key, fingerprint="fp", attempt=uuid.uuid4().hex, lease=30, ttl=600
+                    )
+                res = retrying(lambda r=req: store.claim(r), errors)
+                if not res.outcome.acquired:
+                    continue
+                executions[key] = executions.get(key, 0) + 1
+                if i + 1 in KILL_AT:
+                    killed.add(kill_store_connection(db, store, admin))
+                fence = res.fence
+                record = retrying(
+                    lambda k=key, f=fence: store.complete(k, f, k.encode(), 600), errors
+                )
+                assert record.status is Status.COMPLETED
+                completed[key] = record.result or b""
+        assert len(killed) == len(KILL_AT)
+        assert session_id(db, store) not in killed, "the store kept a killed session"
+        assert set(executions) == {f"fault-{run}-{i}" for i in range(KEYS)}
+        assert set(executions.values()) == {1}, "a key was executed twice"
+        for key, result in completed.items():
+            record = store.get(key)
+            assert record is not None and record.status is Status.COMPLETED, key
+            assert record.result == result
+        assert all(exc.__cause__ is not None for exc in errors)
+        assert store.engine.pool.checkedout() == 0
+    finally:
+        store.close()
