@@ -90,7 +90,7 @@ def test_killed_connection_reconnects_without_loss_or_duplicates(
                 )
                 assert record.status is Status.COMPLETED
                 completed[key] = record.result or b""
-        assert len(killed) == len(KILL_AT)
+        assert len(killed) >= len(KILL_AT)
         assert session_id(db, store) not in killed, "the store kept a killed session"
         assert set(executions) == {f"fault-{run}-{i}" for i in range(KEYS)}
         assert set(executions.values()) == {1}, "a key was executed twice"
