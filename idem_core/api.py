@@ -523,6 +523,34 @@ class Idempotency:
 
     # -- integrations (thin delegations to idem_core.integrations) -------------------------
 
+    def lambda_handler(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """An AWS Lambda handler run once per key; see
+        :func:`idem_core.integrations.aws_lambda.lambda_handler` for the options."""
+        from .integrations.aws_lambda import lambda_handler
+
+        return lambda_handler(self, fn, **options)
+
+    def batch_handler(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """An SQS/Kinesis/DynamoDB Streams batch handler with per-record idempotency and a
+        partial batch response; see :func:`idem_core.integrations.aws_lambda.batch_handler`."""
+        from .integrations.aws_lambda import batch_handler
+
+        return batch_handler(self, fn, **options)
+
+    def consumer(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """A queue message handler applied once per ``dedup_id``; see
+        :func:`idem_core.integrations.consumer.consumer`."""
+        from .integrations.consumer import consumer
+
+        return consumer(self, fn, **options)
+
+    def asgi(self, app: Any, **options: Any) -> Any:
+        """``app`` wrapped in the ``Idempotency-Key`` middleware; see
+        :class:`idem_core.integrations.asgi.IdempotencyMiddleware`."""
+        from .integrations.asgi import IdempotencyMiddleware
+
+        return IdempotencyMiddleware(app, idem=self, **options)
+
 
 def _in_process(url: str) -> bool:
     from .registry import backend_for
