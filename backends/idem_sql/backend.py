@@ -191,8 +191,8 @@ class SQLBackend:
                 sql_for(client.dialect, table), connection=client, create=create, label=label
             )
         if isinstance(client, Engine):
-            engine = client.execution_options(isolation_level="AUTOCOMMIT")
-            return SQLStore(sql_for(engine.dialect, table), engine=engine, create=create, label=label)
+            given = client.execution_options(isolation_level="AUTOCOMMIT")
+            return SQLStore(sql_for(given.dialect, table), engine=given, create=create, label=label)
         if client is not None:
             raise ConfigurationError(
                 f"client must be a sqlalchemy Engine or Connection, not {type(client).__name__}"
@@ -226,9 +226,9 @@ class SQLBackend:
                 sql_for(client.dialect, table), connection=client, create=create, label=label
             )
         if isinstance(client, AsyncEngine):
-            engine = client.execution_options(isolation_level="AUTOCOMMIT")
+            given = client.execution_options(isolation_level="AUTOCOMMIT")
             return AsyncSQLStore(
-                sql_for(engine.dialect, table), engine=engine, create=create, label=label
+                sql_for(given.dialect, table), engine=given, create=create, label=label
             )
         if client is not None:
             raise ConfigurationError(

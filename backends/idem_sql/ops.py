@@ -365,14 +365,16 @@ class PostgresSQL(SQL):
             return (yield from super().claim_many(requests))
         params = [_claim_params(r) for r in requests]
         rows = (
-            yield self.stmt_claim_many,
-            {
-                "keys": [p["key"] for p in params],
-                "fingerprints": [p["fingerprint"] for p in params],
-                "attempts": [p["attempt"] for p in params],
-                "leases": [p["lease"] for p in params],
-                "lives": [p["life"] for p in params],
-            },
+            yield (
+                self.stmt_claim_many,
+                {
+                    "keys": [p["key"] for p in params],
+                    "fingerprints": [p["fingerprint"] for p in params],
+                    "attempts": [p["attempt"] for p in params],
+                    "leases": [p["lease"] for p in params],
+                    "lives": [p["life"] for p in params],
+                },
+            )
         ).rows
         by_key = {decode(row[1:11]).key: row for row in rows}
         results = []
@@ -488,14 +490,16 @@ class SQLiteSQL(SQL):
             if (found := _found(request, current, now)) is not None:
                 return found
             taken = (
-                yield self.stmt_take,
-                {
-                    **params,
-                    "old_fence": current.fence,
-                    "old_status": current.status.value,
-                    "old_lease": current.lease_expires_at,
-                    "old_expires": current.expires_at,
-                },
+                yield (
+                    self.stmt_take,
+                    {
+                        **params,
+                        "old_fence": current.fence,
+                        "old_status": current.status.value,
+                        "old_lease": current.lease_expires_at,
+                        "old_expires": current.expires_at,
+                    },
+                )
             ).rows
             if taken:
                 return _written(request, decode(taken[0]), current)
@@ -529,8 +533,7 @@ class MySQL(SQL):
 
     def purge_sql(self) -> str:
         return (
-            f"DELETE FROM {self.t} WHERE expires_at <= {self.now} "
-            "ORDER BY expires_at LIMIT :batch"
+            f"DELETE FROM {self.t} WHERE expires_at <= {self.now} ORDER BY expires_at LIMIT :batch"
         )
 
     def __init__(self, dialect: Dialect, table: str) -> None:

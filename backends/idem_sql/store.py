@@ -217,8 +217,7 @@ class SQLStore(_Common):
         self, key: str, fence: int, result: bytes, ttl: float, items: Sequence[Any]
     ) -> Record:
         """The caller's statements and the result in one transaction; LeaseLost undoes both."""
-        if self._bound:
-            assert self._connection is not None
+        if self._connection is not None and (self._bound or self._connection.in_transaction()):
             for item in items:
                 _execute_item(self._connection, item)
             return self._run(lambda: self.sql.complete(key, fence, result, ttl))

@@ -7,6 +7,7 @@ records table of its own and drops it at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import uuid
@@ -19,13 +20,17 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import port_open, server_missing  # noqa: E402
+from support import port_open, server_missing
 
 RUN = uuid.uuid4().hex[:10]
 TABLE = f"idem_t_{RUN}"
 
 SERVERS = {
-    "postgresql": ("PostgreSQL", "IDEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
+    "postgresql": (
+        "PostgreSQL",
+        "IDEM_TEST_POSTGRES_URL",
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
+    ),
     "mysql": ("MariaDB", "IDEM_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
 
@@ -78,7 +83,5 @@ def base_url(db: str, sqlite_path: Path) -> str:
 def db_url(base_url: str) -> Iterator[str]:
     """The store URL for this run's table; the table is dropped at the end of the session."""
     yield with_params(base_url, table=TABLE)
-    try:
+    with contextlib.suppress(Exception):  # the server may have gone; nothing to clean then
         _drop(base_url, TABLE)
-    except Exception:  # the server may have gone; nothing to clean then
-        pass

@@ -72,7 +72,9 @@ def test_killed_connection_reconnects_without_loss_or_duplicates(
             key = f"fault-{run}-{i}"
             if i in KILL_AT:
                 killed.add(kill_store_connection(db, store, admin))
-            req = ClaimRequest(key=key, fingerprint="fp", attempt=uuid.uuid4().hex, lease=30, ttl=600)
+            req = ClaimRequest(
+                key=key, fingerprint="fp", attempt=uuid.uuid4().hex, lease=30, ttl=600
+            )
             for delivery in range(2):  # every key is delivered twice
                 if delivery:
                     req = ClaimRequest(

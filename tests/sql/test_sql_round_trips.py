@@ -3,6 +3,7 @@ ROLLBACK the driver sends (there must be none: our connections are in autocommit
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -59,10 +60,9 @@ def counted(db_url: str) -> Iterator[tuple[Any, Counter]]:
                 counter.transaction_calls += 1
                 return _original(*args)
 
-            try:
+            # sqlite3 connections are C objects; SQLite has no network anyway
+            with contextlib.suppress(AttributeError, TypeError):
                 setattr(dbapi_connection, name, call)
-            except (AttributeError, TypeError):
-                pass  # sqlite3 connections are C objects; SQLite has no network anyway
 
     event.listen(engine, "connect", lambda conn, _rec: _wrap(conn))
     store.now()  # connect and let SQLAlchemy read the server's settings before counting
