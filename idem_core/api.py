@@ -23,6 +23,11 @@ from .record import MICROS, ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .registry import open_async_store, open_store
 from .store import AsyncStore, Store
 
+# Enum members looked up once: a class attribute lookup costs ~0.1 us on the hot path.
+_E_REPLAYED = EventKind.REPLAYED
+_O_COMPLETED = ClaimOutcome.COMPLETED
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
@@ -42,9 +47,14 @@ def _attempt_id() -> str:
 _process_tag = os.urandom(6).hex()
 
 
+#: bumped in every forked child, so stores opened before the fork are reopened after it
+_generation = [0]
+
+
 def _new_process_tag() -> None:
     global _process_tag
     _process_tag = os.urandom(6).hex()
+    _generation[0] += 1
 
 
 os.register_at_fork(after_in_child=_new_process_tag)
@@ -94,8 +104,7 @@ class Idempotency:
         self._astore = instrument(astore) if instrument and astore is not None else astore
         self._owned: list[Store] = []
         self._aowned: list[AsyncStore] = []
-        self._pid = os.getpid()
-        self._apid = os.getpid()
+        self._gen = self._agen = _generation[0]
         self._lock = threading.Lock()
         hooks: list[EventHook] = []
         if callable(on_event):
@@ -137,28 +146,28 @@ class Idempotency:
     @property
     def store(self) -> Store:
         store = self._store
-        if store is not None and (self.url is None or self._pid == os.getpid()):
+        if store is not None and (self._gen == _generation[0] or self.url is None):
             return store
         with self._lock:
-            if self._store is None or (self.url is not None and self._pid != os.getpid()):
+            if self._store is None or (self.url is not None and self._gen != _generation[0]):
                 if self.url is None:
                     raise ConfigurationError("this Idempotency was given only an async store")
                 self._store = open_store(self.url, client=self._client, **self._store_options)
                 if self.instrument is not None:
                     self._store = self.instrument(self._store)
-                self._pid = os.getpid()
+                self._gen = _generation[0]
                 self._owned.append(self._store)
             return self._store
 
     @property
     def astore(self) -> AsyncStore:
         astore = self._astore
-        if astore is not None and (self.url is None or self._apid == os.getpid()):
+        if astore is not None and (self._agen == _generation[0] or self.url is None):
             return astore
         if self._store is None and self.url is not None and _in_process(self.url):
             self.store  # noqa: B018  (in-process data: the async side shares the sync records)
         with self._lock:
-            if self._astore is None or (self.url is not None and self._apid != os.getpid()):
+            if self._astore is None or (self.url is not None and self._agen != _generation[0]):
                 twin = getattr(self._store, "async_twin", None)
                 if twin is not None:
                     self._astore = cast(AsyncStore, twin())
@@ -171,7 +180,7 @@ class Idempotency:
                     raise ConfigurationError("this Idempotency was given only a sync store")
                 if self.instrument is not None:
                     self._astore = self.instrument(self._astore)
-                self._apid = os.getpid()
+                self._agen = _generation[0]
             return self._astore
 
     def close(self) -> None:
@@ -492,7 +501,9 @@ class Idempotency:
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            store = self.store
+            store = self._store
+            if store is None or self._gen != _generation[0]:
+                store = self.store
             if get_conn is not None:
                 store = _bind(store, get_conn(bind(args, kwargs)))
             req = prepare(args, kwargs, store.max_key_length)
@@ -504,8 +515,8 @@ class Idempotency:
                 except StoreUnavailable as exc:
                     first = exc  # the Call retries it, or fails open
                 else:
-                    if first.outcome is ClaimOutcome.COMPLETED:
-                        emit(EventKind.REPLAYED, req.key, name, first.record.fence)
+                    if first.outcome is _O_COMPLETED:
+                        emit(_E_REPLAYED, req.key, name, first.record.fence)
                         return decode(first.record.result, req.key)
             call = Call(self, store, req, opts)
             call.enter(first)

@@ -26,6 +26,24 @@ from .events import EventKind, logger
 from .record import ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .store import AsyncStore, Store
 
+# Enum members looked up once: a class attribute lookup costs ~0.1 us on the hot path.
+_E_CLAIMED = EventKind.CLAIMED
+_E_COMPLETED = EventKind.COMPLETED
+_E_FAIL_OPEN = EventKind.FAIL_OPEN
+_E_IN_PROGRESS = EventKind.IN_PROGRESS
+_E_LEASE_LOST = EventKind.LEASE_LOST
+_E_MISMATCH = EventKind.MISMATCH
+_E_RELEASED = EventKind.RELEASED
+_E_REPLAYED = EventKind.REPLAYED
+_E_STORE_ERROR = EventKind.STORE_ERROR
+_E_TOOK_OVER = EventKind.TOOK_OVER
+_E_WAITING = EventKind.WAITING
+_CLAIMED = ClaimOutcome.CLAIMED
+_TOOK_OVER = ClaimOutcome.TOOK_OVER
+_O_COMPLETED = ClaimOutcome.COMPLETED
+_MISMATCH = ClaimOutcome.MISMATCH
+
+
 if TYPE_CHECKING:
     from .api import Idempotency
 
@@ -109,7 +127,7 @@ class _Steps:
     @property
     def replayed(self) -> bool:
         """True when the result comes from an earlier execution."""
-        return self.outcome is ClaimOutcome.COMPLETED
+        return self.outcome is _O_COMPLETED
 
     @property
     def record(self) -> Record | None:
@@ -118,7 +136,7 @@ class _Steps:
     @property
     def result(self) -> Any:
         """The replayed result, decoded to the declared type (a cached error is raised)."""
-        if self.outcome is not ClaimOutcome.COMPLETED or self._record is None:
+        if self.outcome is not _O_COMPLETED or self._record is None:
             raise AttributeError("result is only set on a replayed call")
         return self.opts.codec.decode(self._record.result, self.key)
 
@@ -128,20 +146,20 @@ class _Steps:
         outcome = res.outcome
         self.outcome = outcome
         self._record = res.record
-        if outcome is ClaimOutcome.CLAIMED or outcome is ClaimOutcome.TOOK_OVER:
+        if outcome is _CLAIMED or outcome is _TOOK_OVER:
             self.fence = res.record.fence
-            kind = EventKind.CLAIMED if outcome is ClaimOutcome.CLAIMED else EventKind.TOOK_OVER
+            kind = _E_CLAIMED if outcome is _CLAIMED else _E_TOOK_OVER
             emit(kind, self.key, fn, self.fence)
             return False
-        if outcome is ClaimOutcome.COMPLETED:
+        if outcome is _O_COMPLETED:
             self._done = True
-            emit(EventKind.REPLAYED, self.key, fn, res.record.fence)
+            emit(_E_REPLAYED, self.key, fn, res.record.fence)
             self.idem._remember(self.key, res.record)
             return False
-        if outcome is ClaimOutcome.MISMATCH:
-            emit(EventKind.MISMATCH, self.key, fn, res.record.fence)
+        if outcome is _MISMATCH:
+            emit(_E_MISMATCH, self.key, fn, res.record.fence)
             raise PayloadMismatch(self.key, res.record)
-        emit(EventKind.IN_PROGRESS, self.key, fn, res.record.fence)
+        emit(_E_IN_PROGRESS, self.key, fn, res.record.fence)
         if self.opts.on_in_progress == "wait":
             return True
         raise AlreadyInProgress(self.key, res.record)
@@ -152,18 +170,16 @@ class _Steps:
             self._settle(res)
 
     def _fail_open(self, exc: StoreUnavailable) -> bool:
-        self.idem._emit(EventKind.STORE_ERROR, self.key, self.opts.function, error=exc)
+        self.idem._emit(_E_STORE_ERROR, self.key, self.opts.function, error=exc)
         if self.idem.on_store_error != "fail_open":
             return False
-        self.idem._emit(EventKind.FAIL_OPEN, self.key, self.opts.function, error=exc)
+        self.idem._emit(_E_FAIL_OPEN, self.key, self.opts.function, error=exc)
         self.unprotected = True
-        self.outcome = ClaimOutcome.CLAIMED
+        self.outcome = _CLAIMED
         return True
 
-    def _payload_for(self, value: Any, error: BaseException | None) -> bytes | None:
-        """Bytes to store, or None when the claim is to be released instead."""
-        if error is None:
-            return self.opts.codec.encode(value)
+    def _error_payload(self, error: BaseException) -> bytes | None:
+        """Bytes to store for an error, or None when the claim is to be released instead."""
         if self.opts.cache_errors and isinstance(error, self.opts.cache_errors):
             return encode_error(error)
         return None
@@ -179,7 +195,7 @@ class _Steps:
 
     def _lost(self, exc: LeaseLost) -> LeaseLost:
         self._done = True
-        self.idem._emit(EventKind.LEASE_LOST, self.key, self.opts.function, self.fence, exc)
+        self.idem._emit(_E_LEASE_LOST, self.key, self.opts.function, self.fence, exc)
         return exc
 
 
@@ -201,10 +217,11 @@ class Call(_Steps):
 
     def enter(self, first: ClaimResult | StoreUnavailable | None = None) -> Call:
         """Claim and settle the outcome; ``first`` is the result of a first try at the claim."""
-        cached = self.idem._recall(self.request)
-        if cached is not None:
-            self.outcome, self._record, self._done = ClaimOutcome.COMPLETED, cached, True
-            return self
+        if self.idem._cache is not None:
+            cached = self.idem._recall(self.request)
+            if cached is not None:
+                self.outcome, self._record, self._done = _O_COMPLETED, cached, True
+                return self
         try:
             if isinstance(first, ClaimResult):
                 res = first
@@ -228,7 +245,7 @@ class Call(_Steps):
         deadline = time.monotonic() + self.opts.wait_timeout
         waiter = getattr(self._store, "wait_for_change", None)
         delay = _POLL_FIRST
-        self.idem._emit(EventKind.WAITING, self.key, self.opts.function)
+        self.idem._emit(_E_WAITING, self.key, self.opts.function)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -252,25 +269,43 @@ class Call(_Steps):
             self._done = True
             return
         fence = self._check_held()
-        self._stop_renewer()
-        if self.lease_lost is not None:
-            raise self._lost(self.lease_lost)
+        if self._renewer is not None:
+            self._stop_renewer()
+            if self.lease_lost is not None:
+                raise self._lost(self.lease_lost)
         try:
-            data = self._payload_for(value, error)
+            data = self.opts.codec.encode(value) if error is None else self._error_payload(error)
         except ResultNotSerializable:
             self.release()
             raise
         if data is None:
             self.release()
             return
+        store = self._store
         try:
-            rec = self.idem._retry(
-                self._store.complete, self.key, fence, data, self.opts.ttl, with_items=with_items
-            )
+            try:
+                if with_items is None:
+                    rec = store.complete(self.key, fence, data, self.opts.ttl)
+                else:
+                    rec = store.complete(
+                        self.key, fence, data, self.opts.ttl, with_items=with_items
+                    )
+            except StoreUnavailable:
+                if not self.idem.retries:
+                    raise
+                rec = self.idem._retry(
+                    store.complete,
+                    self.key,
+                    fence,
+                    data,
+                    self.opts.ttl,
+                    with_items=with_items,
+                    _spent=1,
+                )
         except LeaseLost as exc:
             raise self._lost(exc) from None
         self._done = True
-        self.idem._emit(EventKind.COMPLETED, self.key, self.opts.function, fence)
+        self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
         self.idem._remember(self.key, rec)
 
     def release(self) -> None:
@@ -284,7 +319,7 @@ class Call(_Steps):
         except LeaseLost as exc:
             self._lost(exc)
             return
-        self.idem._emit(EventKind.RELEASED, self.key, self.opts.function, self.fence)
+        self.idem._emit(_E_RELEASED, self.key, self.opts.function, self.fence)
 
     def _stop_renewer(self) -> None:
         if self._renewer is not None:
@@ -329,7 +364,7 @@ class _Renewer:
                 call.lease_lost = exc
                 return
             except StoreUnavailable as exc:
-                call.idem._emit(EventKind.STORE_ERROR, call.key, call.opts.function, error=exc)
+                call.idem._emit(_E_STORE_ERROR, call.key, call.opts.function, error=exc)
 
     def stop(self) -> None:
         self._stop.set()
@@ -351,7 +386,7 @@ class AsyncCall(_Steps):
     async def enter(self) -> AsyncCall:
         cached = self.idem._recall(self.request)
         if cached is not None:
-            self.outcome, self._record, self._done = ClaimOutcome.COMPLETED, cached, True
+            self.outcome, self._record, self._done = _O_COMPLETED, cached, True
             return self
         try:
             res = await self.idem._aretry(self._store.claim, self.request)
@@ -369,7 +404,7 @@ class AsyncCall(_Steps):
         deadline = time.monotonic() + self.opts.wait_timeout
         waiter = getattr(self._store, "wait_for_change", None)
         delay = _POLL_FIRST
-        self.idem._emit(EventKind.WAITING, self.key, self.opts.function)
+        self.idem._emit(_E_WAITING, self.key, self.opts.function)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -392,7 +427,7 @@ class AsyncCall(_Steps):
                 self.lease_lost = exc
                 return
             except StoreUnavailable as exc:
-                self.idem._emit(EventKind.STORE_ERROR, self.key, self.opts.function, error=exc)
+                self.idem._emit(_E_STORE_ERROR, self.key, self.opts.function, error=exc)
 
     async def _stop_renewer(self) -> None:
         task, self._renewer = self._renewer, None
@@ -411,11 +446,12 @@ class AsyncCall(_Steps):
             self._done = True
             return
         fence = self._check_held()
-        await self._stop_renewer()
-        if self.lease_lost is not None:
-            raise self._lost(self.lease_lost)
+        if self._renewer is not None:
+            await self._stop_renewer()
+            if self.lease_lost is not None:
+                raise self._lost(self.lease_lost)
         try:
-            data = self._payload_for(value, error)
+            data = self.opts.codec.encode(value) if error is None else self._error_payload(error)
         except ResultNotSerializable:
             await self.release()
             raise
@@ -429,7 +465,7 @@ class AsyncCall(_Steps):
         except LeaseLost as exc:
             raise self._lost(exc) from None
         self._done = True
-        self.idem._emit(EventKind.COMPLETED, self.key, self.opts.function, fence)
+        self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
         self.idem._remember(self.key, rec)
 
     async def release(self) -> None:
@@ -442,7 +478,7 @@ class AsyncCall(_Steps):
         except LeaseLost as exc:
             self._lost(exc)
             return
-        self.idem._emit(EventKind.RELEASED, self.key, self.opts.function, self.fence)
+        self.idem._emit(_E_RELEASED, self.key, self.opts.function, self.fence)
 
     async def __aenter__(self) -> AsyncCall:
         return await self.enter() if self.outcome is None else self

@@ -18,7 +18,6 @@ from .errors import ConfigurationError
 from .record import ClaimRequest, ClaimResult, Record
 from .registry import url_options
 
-_SWEEP = 2  # records examined for expiry per write
 _named: dict[str, MemoryStore] = {}
 _named_lock = threading.Lock()
 
@@ -41,17 +40,12 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._records)
 
-    def _put(self, record: Record, now: int) -> None:
+    def _insert(self, record: Record, now: int) -> None:
         records = self._records
-        if record.key in records:
-            records[record.key] = record
-            return
-        # The dict is ordered by creation: look at the oldest few for expired records.
         records[record.key] = record
-        for _ in range(_SWEEP):
-            oldest = next(iter(records.values()))
-            if oldest.expires_at > now or oldest is record:
-                break
+        # The dict is ordered by creation: drop the oldest record if it has expired.
+        oldest = next(iter(records.values()))
+        if oldest.expires_at <= now and oldest is not record:
             del records[oldest.key]
         if self._max_size is not None and len(records) > self._max_size:
             del records[next(iter(records))]
@@ -65,13 +59,16 @@ class MemoryStore:
     def claim(self, request: ClaimRequest) -> ClaimResult:
         with self._lock:
             now = self._clock()
-            decision = machine.decide_claim(
-                self._records.get(request.key), request, now, self._last_fence + 1
-            )
-            if decision.write is not None:
-                self._last_fence = decision.write.fence
-                self._put(decision.write, now)
-            return decision.result
+            current = self._records.get(request.key)
+            if current is not None and not machine.takeable(current, now):
+                return ClaimResult(machine.classify(current, request, now), current)
+            outcome, record = machine.new_claim(current, request, now, self._last_fence + 1)
+            self._last_fence = record.fence
+            if current is None:
+                self._insert(record, now)
+            else:
+                self._records[record.key] = record
+            return ClaimResult(outcome, record)
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
         return [self.claim(r) for r in requests]
@@ -93,7 +90,7 @@ class MemoryStore:
             if machine.holds(current, fence, now):
                 assert current is not None
                 rec = machine.completed(current, result, ttl, now)
-                self._put(rec, now)
+                self._records[key] = rec
                 return rec
             return machine.after_failed_complete(current, key, fence, now)
 
@@ -103,7 +100,7 @@ class MemoryStore:
             current = self._records.get(key)
             if machine.holds(current, fence, now):
                 assert current is not None
-                self._put(machine.released(current, now), now)
+                self._records[key] = machine.released(current, now)
                 return
             machine.after_failed_release(current, key, fence, now)
 
@@ -114,7 +111,7 @@ class MemoryStore:
             if machine.holds(current, fence, now):
                 assert current is not None
                 rec = machine.renewed(current, lease, now)
-                self._put(rec, now)
+                self._records[key] = rec
                 return rec
             return machine.after_failed_renew(current, key, fence, now)
 

@@ -32,7 +32,13 @@ class ClaimOutcome(enum.Enum):
 
     @property
     def acquired(self) -> bool:
-        return self is ClaimOutcome.CLAIMED or self is ClaimOutcome.TOOK_OVER
+        return self is _CLAIMED or self is _TOOK_OVER
+
+
+# Enum members looked up once: a class attribute lookup costs ~0.1 us on the hot path.
+_IN_PROGRESS = Status.IN_PROGRESS
+_CLAIMED = ClaimOutcome.CLAIMED
+_TOOK_OVER = ClaimOutcome.TOOK_OVER
 
 
 class Record(msgspec.Struct, frozen=True, gc=False):
@@ -54,10 +60,10 @@ class Record(msgspec.Struct, frozen=True, gc=False):
 
     @property
     def released(self) -> bool:
-        return self.status is Status.IN_PROGRESS and self.lease_expires_at == RELEASED
+        return self.status is _IN_PROGRESS and self.lease_expires_at == RELEASED
 
     def lease_live(self, now: int) -> bool:
-        return self.status is Status.IN_PROGRESS and self.lease_expires_at > now
+        return self.status is _IN_PROGRESS and self.lease_expires_at > now
 
 
 class ClaimRequest(msgspec.Struct, frozen=True, gc=False):
