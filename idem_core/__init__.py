@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .api import Idempotency
+from .api import CallSettings, Idempotency
 from .call import AsyncCall, Call
 from .clock import Clock, ManualClock, SkewedClock, system_clock
 from .errors import (
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncCall",
     "Call",
+    "CallSettings",
     "Event",
     "EventKind",
     "Idempotency",

@@ -12,7 +12,7 @@ import time
 import typing
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
 
 from .call import AsyncCall, Call, Options
 from .codec import ResultCodec
@@ -58,6 +58,25 @@ def _new_process_tag() -> None:
 
 
 os.register_at_fork(after_in_child=_new_process_tag)
+
+
+class CallSettings(TypedDict, total=False):
+    """Per-call settings of ``claim``, ``aclaim``, ``claim_many`` and the decorator."""
+
+    #: seconds the claim stays exclusive without renewal (default: the object's ``lease``)
+    lease: float | None
+    #: seconds a completed result is kept (default: the object's ``ttl``)
+    ttl: float | None
+    #: the type a replayed result decodes to
+    result_type: Any
+    #: ``"raise"`` (AlreadyInProgress) or ``"wait"`` for the first execution to finish
+    on_in_progress: str
+    #: seconds to wait with ``on_in_progress="wait"``
+    wait_timeout: float
+    #: exception types stored and replayed as themselves
+    cache_errors: tuple[type[BaseException], ...]
+    #: seconds between background lease renewals
+    renew_every: float | None
 
 
 class Idempotency:
@@ -253,36 +272,41 @@ class Idempotency:
 
     # -- context managers ---------------------------------------------------------------
 
+    def _options(self, settings: CallSettings, function: str | None = None) -> Options:
+        cache_errors = settings.get("cache_errors", ())
+        return Options(
+            ttl=settings.get("ttl") or self.ttl,
+            lease=settings.get("lease") or self.lease,
+            codec=ResultCodec(settings.get("result_type", Any), cache_errors),
+            on_in_progress=settings.get("on_in_progress", "raise"),
+            wait_timeout=settings.get("wait_timeout", 10.0),
+            cache_errors=cache_errors,
+            renew_every=settings.get("renew_every"),
+            function=function,
+        )
+
+    def _batch(
+        self, store: Store | AsyncStore, items: Sequence[tuple[str, Any]], settings: CallSettings
+    ) -> tuple[list[ClaimRequest], Options]:
+        opts = self._options(settings)
+        limit = store.max_key_length
+        return [self._request(k, p, opts.lease, opts.ttl, "", limit) for k, p in items], opts
+
     def claim(
         self,
         key: str,
         *,
         payload: Any = None,
-        lease: float | None = None,
-        ttl: float | None = None,
-        result_type: Any = Any,
-        on_in_progress: str = "raise",
-        wait_timeout: float = 10.0,
-        cache_errors: tuple[type[BaseException], ...] = (),
-        renew_every: float | None = None,
         connection: Any = None,
+        **settings: Unpack[CallSettings],
     ) -> Call:
         """``with idem.claim(key, payload=...) as call:`` — replay ``call.result`` when
         ``call.replayed``, else do the work and ``call.complete(value)``.
 
-        ``connection`` runs the record inside the caller's own transaction (SQL stores)."""
-        store = self.store
-        if connection is not None:
-            store = _bind(store, connection)
-        opts = Options(
-            ttl=ttl or self.ttl,
-            lease=lease or self.lease,
-            codec=ResultCodec(result_type, cache_errors),
-            on_in_progress=on_in_progress,
-            wait_timeout=wait_timeout,
-            cache_errors=cache_errors,
-            renew_every=renew_every,
-        )
+        ``connection`` runs the record inside the caller's own transaction (SQL stores);
+        ``settings`` are those of :class:`CallSettings`."""
+        store = self.store if connection is None else _bind(self.store, connection)
+        opts = self._options(settings)
         req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
         return Call(self, store, req, opts)
 
@@ -291,39 +315,17 @@ class Idempotency:
         key: str,
         *,
         payload: Any = None,
-        lease: float | None = None,
-        ttl: float | None = None,
-        result_type: Any = Any,
-        on_in_progress: str = "raise",
-        wait_timeout: float = 10.0,
-        cache_errors: tuple[type[BaseException], ...] = (),
-        renew_every: float | None = None,
         connection: Any = None,
+        **settings: Unpack[CallSettings],
     ) -> AsyncCall:
         """``async with idem.aclaim(key, payload=...) as call:`` — the twin of :meth:`claim`."""
-        store = self.astore
-        if connection is not None:
-            store = _bind(store, connection)
-        opts = Options(
-            ttl=ttl or self.ttl,
-            lease=lease or self.lease,
-            codec=ResultCodec(result_type, cache_errors),
-            on_in_progress=on_in_progress,
-            wait_timeout=wait_timeout,
-            cache_errors=cache_errors,
-            renew_every=renew_every,
-        )
+        store = self.astore if connection is None else _bind(self.astore, connection)
+        opts = self._options(settings)
         req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
         return AsyncCall(self, store, req, opts)
 
     def claim_many(
-        self,
-        items: Sequence[tuple[str, Any]],
-        *,
-        lease: float | None = None,
-        ttl: float | None = None,
-        result_type: Any = Any,
-        cache_errors: tuple[type[BaseException], ...] = (),
+        self, items: Sequence[tuple[str, Any]], **settings: Unpack[CallSettings]
     ) -> list[Call]:
         """Claim a batch of ``(key, payload)`` in one store call where the store can.
 
@@ -331,47 +333,23 @@ class Idempotency:
         (``replayed`` calls carry ``result``; ``IN_PROGRESS`` and ``MISMATCH`` hold nothing).
         """
         store = self.store
-        opts = Options(
-            ttl=ttl or self.ttl,
-            lease=lease or self.lease,
-            codec=ResultCodec(result_type, cache_errors),
-            cache_errors=cache_errors,
-        )
-        limit = store.max_key_length
-        reqs = [self._request(k, p, opts.lease, opts.ttl, "", limit) for k, p in items]
+        reqs, opts = self._batch(store, items, settings)
         results = self._retry(store.claim_many, reqs)
-        calls = []
-        for req, res in zip(reqs, results, strict=True):
-            call = Call(self, store, req, opts)
+        calls = [Call(self, store, req, opts) for req in reqs]
+        for call, res in zip(calls, results, strict=True):
             call.adopt(res)
-            calls.append(call)
         return calls
 
     async def aclaim_many(
-        self,
-        items: Sequence[tuple[str, Any]],
-        *,
-        lease: float | None = None,
-        ttl: float | None = None,
-        result_type: Any = Any,
-        cache_errors: tuple[type[BaseException], ...] = (),
+        self, items: Sequence[tuple[str, Any]], **settings: Unpack[CallSettings]
     ) -> list[AsyncCall]:
         """The asyncio twin of :meth:`claim_many`."""
         store = self.astore
-        opts = Options(
-            ttl=ttl or self.ttl,
-            lease=lease or self.lease,
-            codec=ResultCodec(result_type, cache_errors),
-            cache_errors=cache_errors,
-        )
-        limit = store.max_key_length
-        reqs = [self._request(k, p, opts.lease, opts.ttl, "", limit) for k, p in items]
+        reqs, opts = self._batch(store, items, settings)
         results = await self._aretry(store.claim_many, reqs)
-        calls = []
-        for req, res in zip(reqs, results, strict=True):
-            call = AsyncCall(self, store, req, opts)
+        calls = [AsyncCall(self, store, req, opts) for req in reqs]
+        for call, res in zip(calls, results, strict=True):
             call.adopt(res)
-            calls.append(call)
         return calls
 
     # -- the decorator ------------------------------------------------------------------
@@ -439,14 +417,16 @@ class Idempotency:
         if result_type is None:
             result_type = _return_type(func)
         name = scope or f"{func.__module__}.{func.__qualname__}"
-        opts = Options(
-            ttl=ttl or self.ttl,
-            lease=lease or self.lease,
-            codec=ResultCodec(result_type, cache_errors),
-            on_in_progress=on_in_progress,
-            wait_timeout=wait_timeout,
-            cache_errors=cache_errors,
-            renew_every=renew_every,
+        opts = self._options(
+            {
+                "ttl": ttl,
+                "lease": lease,
+                "result_type": result_type,
+                "on_in_progress": on_in_progress,
+                "wait_timeout": wait_timeout,
+                "cache_errors": cache_errors,
+                "renew_every": renew_every,
+            },
             function=name,
         )
         get_key = _extractor(key, "key", bind.names)
