@@ -13,7 +13,14 @@ from idem_core.registry import import_driver
 
 from .plans import Failed, Plan, Plans, sleep_seconds
 from .settings import Settings
-from .store import MAX_KEY_PARTITION, MAX_KEY_SORT, client_config, is_client, unavailable
+from .store import (
+    MAX_KEY_PARTITION,
+    MAX_KEY_SORT,
+    client_config,
+    is_client,
+    low_level,
+    unavailable,
+)
 
 T = TypeVar("T")
 
@@ -32,6 +39,7 @@ class AsyncDynamoDBStore:
         self.settings = settings
         self.plans = Plans(settings)
         self.max_key_length = MAX_KEY_SORT if settings.sort_key else MAX_KEY_PARTITION
+        client = low_level(client)
         self._given = client if client is not None and is_client(client) else None
         self._session = client if client is not None and self._given is None else None
         if self._session is not None and not (

@@ -48,7 +48,19 @@ def unavailable(settings: Settings, exc: BaseException) -> StoreUnavailable:
 
 
 def is_client(obj: Any) -> bool:
-    return hasattr(obj, "put_item") and hasattr(obj, "meta")
+    return hasattr(obj, "put_item") and hasattr(getattr(obj, "meta", None), "service_model")
+
+
+def low_level(obj: Any) -> Any:
+    """``obj``, refused when it is a boto3 resource: a resource's client converts attribute
+    values itself, so it cannot carry the low-level requests of this store."""
+    meta = getattr(obj, "meta", None)
+    if meta is not None and not is_client(obj) and is_client(getattr(meta, "client", None)):
+        raise ConfigurationError(
+            "client= must be a low-level DynamoDB client (boto3.client('dynamodb')) or a "
+            "session, not a resource such as dynamodb.Table(...)"
+        )
+    return obj
 
 
 class DynamoDBStore:
@@ -62,6 +74,7 @@ class DynamoDBStore:
         self.settings = settings
         self.plans = Plans(settings)
         self.max_key_length = MAX_KEY_SORT if settings.sort_key else MAX_KEY_PARTITION
+        client = low_level(client)
         self._given = client if client is not None and is_client(client) else None
         self._session = client if client is not None and self._given is None else None
         if self._session is not None and not (

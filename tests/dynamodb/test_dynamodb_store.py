@@ -408,6 +408,9 @@ def test_given_client_and_session(server: Server, key: str) -> None:
     session = boto3.session.Session(region_name=REGION)
     with BACKEND.open(server.url(), client=session) as from_session:
         assert from_session.get(key) is not None
+    table = session.resource("dynamodb", endpoint_url=server.endpoint).Table(TABLE)
+    with pytest.raises(ConfigurationError, match="not a resource"):
+        BACKEND.open(server.url(), client=table)
 
 
 async def test_async_given_aioboto3_session(server: Server, key: str) -> None:
