@@ -7,7 +7,6 @@ are real (Redis at 127.0.0.1:6379, moto's server started here on a free loopback
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from integration_ports import free_port
 from support import port_open, server_missing
 
 from idem_core import Idempotency
@@ -29,13 +29,6 @@ FAKE_AWS = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import free_port
 from fastapi import FastAPI
+from integration_ports import free_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse

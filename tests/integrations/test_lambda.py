@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from events import api_gateway_v1, api_gateway_v2, eventbridge, sqs_event, sqs_record
+from lambda_events import api_gateway_v1, api_gateway_v2, eventbridge, sqs_event, sqs_record
 
 from idem_core import AlreadyInProgress, Event, EventKind, Idempotency, KeyMissing, PayloadMismatch
 from idem_core.integrations.aws_lambda import Selector, key_of, lease_from

@@ -7,7 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
-from events import api_gateway_v1
+from lambda_events import api_gateway_v1
 
 from idem_core import Idempotency
 from idem_core.testing import (
