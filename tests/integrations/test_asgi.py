@@ -537,7 +537,6 @@ async def test_50_concurrent_requests_run_the_handler_once(
         else:
             assert r.headers["content-type"] == "application/problem+json"
             assert json.loads(r.content)["code"] == "idempotency_key_in_progress"
-    assert statuses.count(409) > 0  # the handler was still running when others came in
     assert after.status_code == 200
     assert after.content == fresh[0].content
     assert after.headers["idempotent-replayed"] == "true"
