@@ -4,6 +4,7 @@ concurrent requests against a real uvicorn server on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
@@ -497,10 +498,16 @@ def uvicorn_server(store_url: str) -> Iterator[tuple[str, Counter]]:
         return JSONResponse({"run": n, "body": body.decode(), "id": uuid.uuid4().hex})
 
     idem = Idempotency.from_url(store_url, namespace=f"t{uuid.uuid4().hex[:12]}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await idem.aclose()  # the async store lives on the server's loop
+
     routes = [Route("/pay", slow, methods=["POST"])]
-    app = IdempotencyMiddleware(Starlette(routes=routes), idem=idem)
+    app = IdempotencyMiddleware(Starlette(routes=routes, lifespan=lifespan), idem=idem)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
