@@ -162,6 +162,10 @@ class Idempotency:
         self._emit.hooks.append(hook)
         return hook
 
+    def remove_event_hook(self, hook: EventHook) -> None:
+        """Remove a hook added with ``on_event`` (or given to the constructor)."""
+        self._emit.hooks.remove(hook)
+
     @property
     def store(self) -> Store:
         store = self._store
@@ -286,11 +290,15 @@ class Idempotency:
         )
 
     def _batch(
-        self, store: Store | AsyncStore, items: Sequence[tuple[str, Any]], settings: CallSettings
+        self,
+        store: Store | AsyncStore,
+        items: Sequence[tuple[str, Any]],
+        scope: str,
+        settings: CallSettings,
     ) -> tuple[list[ClaimRequest], Options]:
-        opts = self._options(settings)
+        opts = self._options(settings, scope or None)
         limit = store.max_key_length
-        return [self._request(k, p, opts.lease, opts.ttl, "", limit) for k, p in items], opts
+        return [self._request(k, p, opts.lease, opts.ttl, scope, limit) for k, p in items], opts
 
     def claim(
         self,
@@ -298,16 +306,18 @@ class Idempotency:
         *,
         payload: Any = None,
         connection: Any = None,
+        scope: str = "",
         **settings: Unpack[CallSettings],
     ) -> Call:
         """``with idem.claim(key, payload=...) as call:`` — replay ``call.result`` when
         ``call.replayed``, else do the work and ``call.complete(value)``.
 
         ``connection`` runs the record inside the caller's own transaction (SQL stores);
+        ``scope`` separates keys of different operations (``namespace:scope:key``);
         ``settings`` are those of :class:`CallSettings`."""
         store = self.store if connection is None else _bind(self.store, connection)
-        opts = self._options(settings)
-        req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
+        opts = self._options(settings, scope or None)
+        req = self._request(key, payload, opts.lease, opts.ttl, scope, store.max_key_length)
         return Call(self, store, req, opts)
 
     def aclaim(
@@ -316,16 +326,21 @@ class Idempotency:
         *,
         payload: Any = None,
         connection: Any = None,
+        scope: str = "",
         **settings: Unpack[CallSettings],
     ) -> AsyncCall:
         """``async with idem.aclaim(key, payload=...) as call:`` — the twin of :meth:`claim`."""
         store = self.astore if connection is None else _bind(self.astore, connection)
-        opts = self._options(settings)
-        req = self._request(key, payload, opts.lease, opts.ttl, "", store.max_key_length)
+        opts = self._options(settings, scope or None)
+        req = self._request(key, payload, opts.lease, opts.ttl, scope, store.max_key_length)
         return AsyncCall(self, store, req, opts)
 
     def claim_many(
-        self, items: Sequence[tuple[str, Any]], **settings: Unpack[CallSettings]
+        self,
+        items: Sequence[tuple[str, Any]],
+        *,
+        scope: str = "",
+        **settings: Unpack[CallSettings],
     ) -> list[Call]:
         """Claim a batch of ``(key, payload)`` in one store call where the store can.
 
@@ -333,7 +348,7 @@ class Idempotency:
         (``replayed`` calls carry ``result``; ``IN_PROGRESS`` and ``MISMATCH`` hold nothing).
         """
         store = self.store
-        reqs, opts = self._batch(store, items, settings)
+        reqs, opts = self._batch(store, items, scope, settings)
         results = self._retry(store.claim_many, reqs)
         calls = [Call(self, store, req, opts) for req in reqs]
         for call, res in zip(calls, results, strict=True):
@@ -341,11 +356,15 @@ class Idempotency:
         return calls
 
     async def aclaim_many(
-        self, items: Sequence[tuple[str, Any]], **settings: Unpack[CallSettings]
+        self,
+        items: Sequence[tuple[str, Any]],
+        *,
+        scope: str = "",
+        **settings: Unpack[CallSettings],
     ) -> list[AsyncCall]:
         """The asyncio twin of :meth:`claim_many`."""
         store = self.astore
-        reqs, opts = self._batch(store, items, settings)
+        reqs, opts = self._batch(store, items, scope, settings)
         results = await self._aretry(store.claim_many, reqs)
         calls = [AsyncCall(self, store, req, opts) for req in reqs]
         for call, res in zip(calls, results, strict=True):

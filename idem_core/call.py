@@ -304,6 +304,10 @@ class Call(_Steps):
                 )
         except LeaseLost as exc:
             raise self._lost(exc) from None
+        except ResultNotSerializable:
+            # The store refused the result (too large for it): free the key for a retry.
+            self.release()
+            raise
         self._done = True
         self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
         self.idem._remember(self.key, rec)
@@ -464,6 +468,9 @@ class AsyncCall(_Steps):
             )
         except LeaseLost as exc:
             raise self._lost(exc) from None
+        except ResultNotSerializable:
+            await self.release()
+            raise
         self._done = True
         self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
         self.idem._remember(self.key, rec)

@@ -92,7 +92,14 @@ class Emitter:
                 key,
                 fence,
                 f" error={error!r}" if error is not None else "",
-                extra={"idem_event": kind.value, "idem_key": key, "idem_fence": fence},
+                extra={
+                    "idem_event": kind.value,
+                    "idem_key": key,
+                    "idem_fence": fence,
+                    "idem_namespace": self.namespace,
+                    "idem_function": function,
+                    "idem_error": None if error is None else type(error).__name__,
+                },
             )
         for hook in self.hooks:
             try:

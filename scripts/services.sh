@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure the machine's own servers are up (PostgreSQL, MariaDB, Redis on their standard
+# Make sure the machine's own servers are up (PostgreSQL, MariaDB, Redis, RabbitMQ on their standard
 # loopback ports). Servers that exist only for the tests (moto, DynamoDB Local, a Redis
 # Cluster) are started and stopped by the test suite's fixtures on free ports.
 set -u
@@ -27,6 +27,12 @@ if ! up 6379 && command -v redis-server >/dev/null; then
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log || true
   wait_up 6379 || echo "services: Redis did not come up" >&2
+fi
+if ! up 5672 && command -v rabbitmq-server >/dev/null; then
+  echo "services: starting RabbitMQ"
+  rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 150); do up 5672 && break; sleep 0.2; done
+  up 5672 || echo "services: RabbitMQ did not come up" >&2
 fi
 if up 5432 && command -v psql >/dev/null; then
   psql -h 127.0.0.1 -U postgres -d test -qc 'CREATE EXTENSION IF NOT EXISTS pg_stat_statements' \

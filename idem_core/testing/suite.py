@@ -18,7 +18,6 @@ import pytest
 
 from ..record import ClaimOutcome
 from .faults import AsyncFaultyStore, FaultyStore
-from .model import store_machine
 from .race import process_race, task_race, thread_race
 from .scenarios import SCENARIOS, AsyncView, Scenario, _faults
 
@@ -60,6 +59,8 @@ class StoreSuite(_Base):
         _exactly_one(process_race(store_url, key))
 
     def test_state_machine_against_reference(self, store: Any) -> None:
+        from .model import store_machine  # hypothesis is needed by this test only
+
         store_machine(store).TestCase().runTest()
 
 

@@ -572,3 +572,51 @@ async def test_aclaim_many_and_instrument() -> None:
     for c in calls:
         await c.complete(1)
     assert len(seen) == 2  # the sync store (shared records) and its async twin
+
+
+def test_scopes_separate_keys_and_hooks_can_be_removed(idem: Idempotency) -> None:
+    seen: list[EventKind] = []
+    hook = idem.on_event(lambda e: seen.append(e.kind))
+    with idem.claim("k", payload=1, scope="refunds") as call:
+        call.complete("refund")
+    with idem.claim("k", payload=2, scope="charges") as call:
+        assert not call.replayed  # another scope: no mismatch with the refund
+        call.complete("charge")
+    assert idem.store.get(idem.key_for("k", "refunds")) is not None
+    idem.remove_event_hook(hook)
+    with idem.claim("k", payload=1, scope="refunds") as call:
+        assert call.replayed and call.result == "refund"
+    assert seen.count(EventKind.REPLAYED) == 0
+
+
+def test_log_records_carry_structured_fields(
+    idem: Idempotency, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="idem_core")
+    with idem.claim("k", payload=1) as call:
+        call.complete(1)
+    claimed = [r for r in caplog.records if getattr(r, "idem_event", None) == "claimed"]
+    assert claimed
+    rec = claimed[0]
+    assert rec.idem_namespace == "shop"  # type: ignore[attr-defined]
+    assert rec.idem_key == idem.key_for("k")  # type: ignore[attr-defined]
+    assert rec.idem_error is None  # type: ignore[attr-defined]
+
+
+def test_a_result_the_store_refuses_releases_the_claim(clock: ManualClock) -> None:
+    class Small(MemoryStore):
+        def complete(self, key: str, fence: int, result: bytes, ttl: float, **kw: Any) -> Any:
+            if len(result) > 64:
+                raise ResultNotSerializable("too large for this store")
+            return super().complete(key, fence, result, ttl, **kw)
+
+    idem = Idempotency(Small(clock=clock))
+
+    @idem.idempotent(key="k")
+    def fn(k: str, size: int) -> str:
+        return "x" * size
+
+    with pytest.raises(ResultNotSerializable):
+        fn("a", 100)
+    rec = idem.store.get(idem.key_for("a", f"{fn.__module__}.{fn.__qualname__}"))
+    assert rec is not None and rec.released

@@ -19,7 +19,6 @@ from integration_ports import free_port
 from support import port_open, server_missing
 
 from idem_core import Idempotency
-from idem_core.testing import idempotency, lambda_context  # noqa: F401  (fixtures for users)
 
 RUN = uuid.uuid4().hex[:10]
 ROOT = Path(__file__).resolve().parents[2]
