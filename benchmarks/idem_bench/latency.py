@@ -9,6 +9,7 @@ Sync cells run on threads, async cells on tasks of one event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -243,7 +244,9 @@ def _offset(op: Callable[[int], Any], c: int) -> Callable[[int], Any]:
     return lambda i: op(base + i)
 
 
-def count_sync(make: Callable[[str, bool], SyncRig], tag: str, settings: Settings) -> dict[str, Any]:
+def count_sync(
+    make: Callable[[str, bool], SyncRig], tag: str, settings: Settings
+) -> dict[str, Any]:
     """Round trips (driver level) and store operations per call, on a counting rig."""
     try:
         rig = make(tag, True)
@@ -326,10 +329,8 @@ async def _hold_async(rig: AsyncRig, key: str) -> Callable[[], Awaitable[None]]:
 
     async def release() -> None:
         rigs.AHOLD[key].set()
-        try:
+        with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
-        except Exception:
-            pass
         rigs.AHOLD.pop(key, None)
         rigs.AENTERED.pop(key, None)
 

@@ -16,7 +16,7 @@ import moto.server
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication
 
 
-class AtomicApplication(DomainDispatcherApplication):  # type: ignore[misc]
+class AtomicApplication(DomainDispatcherApplication):
     _lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
@@ -25,5 +25,5 @@ class AtomicApplication(DomainDispatcherApplication):  # type: ignore[misc]
 
 
 if __name__ == "__main__":
-    moto.server.DomainDispatcherApplication = AtomicApplication
+    moto.server.DomainDispatcherApplication = AtomicApplication  # type: ignore[attr-defined]
     moto.server.main()

@@ -11,12 +11,13 @@ idem-core, a proxy counting store operations; it is used only for counting, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from idem_core import AlreadyInProgress, Idempotency
 
@@ -104,10 +105,8 @@ class SyncRig:
 
     def close(self) -> None:
         for close in reversed(self.closers):
-            try:
+            with contextlib.suppress(Exception):
                 close()
-            except Exception:
-                pass
 
 
 @dataclasses.dataclass
@@ -151,7 +150,7 @@ def _redis_client(target: Target, counting: Counter | None, aio: bool) -> Any:
         kwargs["connection_class"] = _counting_connection(aio, counting)
     if target.cluster:
         nodes = target.url.split("://", 1)[1].split("?", 1)[0].split(",")
-        startup = [redis.cluster.ClusterNode(*_host_port(n)) for n in nodes]
+        startup = [redis.cluster.ClusterNode(*_host_port(n)) for n in nodes]  # type: ignore[no-untyped-call]
         if aio:
             anodes = [aredis.cluster.ClusterNode(*_host_port(n)) for n in nodes]
             return aredis.RedisCluster(startup_nodes=anodes, **kwargs)
@@ -181,7 +180,7 @@ def _counting_connection(aio: bool, counter: Counter) -> type:
     class Counting(Connection):
         def send_packed_command(self, command: Any, check_health: bool = True) -> None:
             counter()
-            super().send_packed_command(command, check_health)
+            super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
 
     return Counting
 
@@ -452,13 +451,15 @@ def powertools_function(layer: Any, lease: float, body: Callable[[str], Any]) ->
     from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
 
     config = IdempotencyConfig(event_key_jmespath="order_id", expires_after_seconds=int(TTL))
-    config.register_lambda_context(LambdaContext(lease))
+    config.register_lambda_context(cast(Any, LambdaContext(lease)))
 
-    @idempotent_function(data_keyword_argument="order", persistence_store=layer, config=config)
     def pt_charge(order: dict[str, Any]) -> dict[str, Any]:
         return {"value": body(order["order_id"])}
 
-    return pt_charge
+    decorate = idempotent_function(
+        data_keyword_argument="order", persistence_store=layer, config=config
+    )
+    return cast(Callable[..., Any], decorate(pt_charge))
 
 
 def powertools_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
@@ -533,14 +534,19 @@ async def idemkit_backend(target: Target, tag: str, counting: Counter | None) ->
     dsn = target.server or "postgresql://postgres@127.0.0.1:5432/test"
     table = "idemkit_bench"
     await init_pg(dsn, table=table)
-    backend = PostgresBackend.from_url(dsn, table=table, min_size=2, max_size=70)
+    pg = PostgresBackend.from_url(dsn, table=table, min_size=2, max_size=70)
 
     async def pg_floor() -> Any:
-        await backend._ensure_pool()
-        async with backend._pool.acquire() as conn:
+        # idemkit's own pool: the same client its records go through
+        await pg._ensure_pool()
+        async with pg._pool.acquire() as conn:
             return await conn.fetchval("SELECT 1")
 
-    return backend, pg_floor
+    return pg, pg_floor
+
+
+def _scope() -> str:
+    return "bench"
 
 
 def idemkit_config(lease: float, wait: float) -> Any:
@@ -548,7 +554,7 @@ def idemkit_config(lease: float, wait: float) -> Any:
 
     return MethodConfig(
         key_fields=["order_id"],
-        scope=lambda: "bench",
+        scope=cast(Any, _scope),
         lease_ttl_seconds=lease,
         wait_timeout_seconds=wait,
         expires_after_seconds=TTL,

@@ -91,8 +91,12 @@ def target_for_url(url: str, name: str | None = None) -> Target:
     if base in ("redis", "rediss", "unix"):
         cluster = scheme == "redis+cluster"
         parts = urlsplit(url)
-        server = None if scheme == "redis+sentinel" else urlunsplit(
-            ("redis", parts.netloc.split(",")[0], "" if cluster else parts.path, "", "")
+        server = (
+            None
+            if scheme == "redis+sentinel"
+            else urlunsplit(
+                ("redis", parts.netloc.split(",")[0], "" if cluster else parts.path, "", "")
+            )
         )
         return Target(
             name or ("redis-cluster" if cluster else "redis"), url, "redis", server, cluster=cluster
@@ -136,7 +140,9 @@ class Servers:
             "postgresql+psycopg://postgres@127.0.0.1:5432/test",
             5432,
         )
-        self._sql("mariadb", "IDEM_BENCH_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test", 3306)
+        self._sql(
+            "mariadb", "IDEM_BENCH_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test", 3306
+        )
         self._cluster(start)
         self._dynamodb("moto", "IDEM_BENCH_MOTO_URL", 5000, start)
         self._dynamodb("dynamodb-local", "IDEM_BENCH_DYNAMODB_LOCAL_URL", 8000, start)

@@ -1,0 +1,154 @@
+"""The benchmark harness itself: well-formed results on memory://, and race scenarios that
+catch a store breaking the fence and lease rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from idem_bench import cli, latency, races, rigs
+from idem_bench.targets import Target
+
+from idem_core import machine
+from idem_core.memory import MemoryStore
+from idem_core.record import ClaimRequest, ClaimResult, Record
+
+MEMORY = Target("memory", "memory://", "memory")
+QUICK = latency.Settings(
+    concurrency=(1, 4), latency_seconds=0.15, cell_seconds=0.1, max_ops=2000, warmup=3
+)
+
+
+def _check_cells(scenarios: dict[str, Any]) -> None:
+    assert set(scenarios) == {"first", "replay", "conflict", "claim_many"}
+    for cells in scenarios.values():
+        assert set(cells) == {"1", "4"}
+        for cell in cells.values():
+            assert "error" not in cell, cell
+            assert cell["ops"] > 0
+            assert cell["throughput"] > 0
+            ps = [cell[f"p{p:g}_us"] for p in latency.PERCENTILES] + [cell["max_us"]]
+            assert all(p > 0 for p in ps)
+            assert ps == sorted(ps)
+    cdf = scenarios["first"]["1"]["cdf"]
+    assert [p for p, _ in cdf] == list(latency.CDF_POINTS)
+
+
+def test_sync_section_on_memory_is_well_formed() -> None:
+    scenarios, counts = latency.sync_section(
+        lambda tag, counting: rigs.ours_sync(MEMORY, tag, counting),
+        rigs.run_tag(),
+        QUICK,
+        latency.Progress(),
+        "memory",
+    )
+    _check_cells(scenarios)
+    # claim + complete on a first call, one claim on a replay, on a conflict and per batch
+    assert counts["first"]["store_ops"] == 2
+    assert counts["replay"]["store_ops"] == 1
+    assert counts["conflict"]["store_ops"] == 1
+    assert counts["claim_many"]["store_ops"] == 1
+
+
+def test_async_section_on_memory_is_well_formed() -> None:
+    scenarios, counts = asyncio.run(
+        latency.async_section(
+            lambda tag, counting: rigs.ours_async(MEMORY, tag, counting),
+            rigs.run_tag(),
+            QUICK,
+            latency.Progress(),
+            "memory",
+        )
+    )
+    _check_cells(scenarios)
+    assert counts["first"]["store_ops"] == 2
+    assert counts["replay"]["store_ops"] == 1
+
+
+def test_cli_writes_results_report_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    argv = ["--no-embedded", "--url", "memory://", "--quick", "--out", str(out)]
+    argv += ["--scenario", "first", "--scenario", "replay", "--scenario", "zombie"]
+    assert cli.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["versions"]["python"]
+    assert results["meta"]["machine"]
+    sections = results["latency"]
+    assert [(s["target"], s["mode"]) for s in sections] == [("memory", "sync"), ("memory", "async")]
+    for section in sections:
+        assert set(section["scenarios"]) == {"first", "replay"}
+    [race] = results["races"]
+    assert race["results"]["zombie"]["ok"] is True
+    assert race["results"]["zombie"]["zombie_accepted"] == 0
+    report = (out / "report.md").read_text()
+    assert "## Latency" in report and "## Races" in report
+    for png in ("latency_cdf.png", "throughput.png", "races.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class FencelessStore(MemoryStore):
+    """Broken on purpose: complete() skips the fence check, so a zombie overwrites."""
+
+    def complete(
+        self,
+        key: str,
+        fence: int,
+        result: bytes,
+        ttl: float,
+        *,
+        with_items: Sequence[Any] | None = None,
+    ) -> Record:
+        with self._lock:
+            now = self._clock()
+            rec = machine.completed(self._records[key], result, ttl, now)
+            self._records[key] = rec
+            return rec
+
+
+class LeaselessStore(MemoryStore):
+    """Broken on purpose: a claim takes over any in-progress record, live lease or not."""
+
+    def claim(self, request: ClaimRequest) -> ClaimResult:
+        with self._lock:
+            current = self._records.get(request.key)
+            if current is not None and current.status.value == "in_progress":
+                del self._records[request.key]
+        return super().claim(request)
+
+
+def _spec(store: MemoryStore) -> races.Spec:
+    return races.Spec("idem-core", MEMORY, rigs.run_tag(), lease=0.3, store=store)
+
+
+def test_zombie_race_passes_on_the_reference_store() -> None:
+    result = races.zombie(_spec(MemoryStore()))
+    assert result["ok"] is True
+    assert result["zombie_accepted"] == 0
+    assert result["a"] == "lease_lost"
+    assert result["final"] == "B"
+
+
+def test_zombie_race_detects_a_store_that_skips_the_fence_check() -> None:
+    result = races.zombie(_spec(FencelessStore()))
+    assert result["ok"] is False
+    assert result["zombie_accepted"] == 1
+    assert result["final"] == "A"
+    assert result["consistent"] is False
+
+
+def test_storm_detects_a_store_that_ignores_live_leases() -> None:
+    good = races.storm(_spec(MemoryStore()), keys=10, procs=2, threads=4)
+    assert good["ok"] is True and good["keys_not_exactly_once"] == 0
+    bad = races.storm(_spec(LeaselessStore()), keys=10, procs=2, threads=4)
+    assert bad["ok"] is False
+    assert bad["max_executions_per_key"] > 1
+
+
+@pytest.mark.parametrize("scenario", ["crash", "waiters"])
+def test_other_races_run_on_memory(scenario: str) -> None:
+    result = races.run_races(_spec(MemoryStore()), (scenario,))[scenario]
+    assert result["ok"] is True, result
