@@ -10,7 +10,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from ddb_servers import (
@@ -50,8 +49,8 @@ def _servers(
     servers: dict[str, Server | str] = {}
     started: list[Server] = []
     if importlib.util.find_spec("moto.server") is not None:
-        # moto_server, made atomic per request (see moto_atomic_server.py).
-        argv = [sys.executable, str(Path(__file__).parent / "moto_atomic_server.py")]
+        # moto_server, made atomic per request (see idem_bench/moto_atomic.py).
+        argv = [sys.executable, "-m", "idem_bench.moto_atomic"]
         argv += ["-H", "127.0.0.1", "-p", "{port}"]
         started.append(start("moto", argv, ROOT, True, tmp))
     else:

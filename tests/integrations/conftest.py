@@ -33,14 +33,11 @@ FAKE_AWS = {
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's DynamoDB server, one request applied at a time as DynamoDB applies each write
-    atomically (see tests/dynamodb/moto_atomic_server.py)."""
+    atomically (see benchmarks/idem_bench/moto_atomic.py)."""
     os.environ.update({k: os.environ.get(k, v) for k, v in FAKE_AWS.items()})
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    script = ROOT / "tests/dynamodb/moto_atomic_server.py"
-    argv = [sys.executable, str(script)]
-    if not script.exists():
-        argv = [str(ROOT / ".venv/bin/moto_server")]
+    argv = [sys.executable, "-m", "idem_bench.moto_atomic"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*argv, "-H", "127.0.0.1", "-p", str(port)],
