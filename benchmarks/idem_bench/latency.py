@@ -24,7 +24,7 @@ from .rigs import AsyncRig, SyncRig
 
 SCENARIOS = ("first", "replay", "conflict", "claim_many", "floor")
 BATCH = 100
-REPLAY_POOL = 200
+REPLAY_POOL = 100
 COUNT_OPS = 10
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 CDF_POINTS = (0.0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 98, 99, 99.5, 99.9, 99.99, 100.0)

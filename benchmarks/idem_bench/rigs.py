@@ -146,7 +146,8 @@ def _redis_client(target: Target, counting: Counter | None, aio: bool) -> Any:
 
     url = target.server or "redis://127.0.0.1:6379/0"
     kwargs: dict[str, Any] = {}
-    if counting is not None:
+    if counting is not None and not target.cluster:
+        # (redis-py's cluster clients take no connection class: store operations only)
         kwargs["connection_class"] = _counting_connection(aio, counting)
     if target.cluster:
         nodes = target.url.split("://", 1)[1].split("?", 1)[0].split(",")
@@ -233,6 +234,7 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
     floor_name = ""
     closers: list[Callable[[], Any]] = []
     if target.kind == "redis":
+        rts = None if target.cluster else rts
         client = _redis_client(target, rts, aio=False)
         options["prefix"] = f"idembench:{tag}:"
         closers.append(client.close)
@@ -319,6 +321,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
     floor_name = ""
     closers: list[Callable[[], Any]] = []
     if target.kind == "redis":
+        rts = None if target.cluster else rts
         client = _redis_client(target, rts, aio=True)
         options["prefix"] = f"idembench:{tag}:"
         closers.append(client.aclose)

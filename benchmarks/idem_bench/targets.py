@@ -188,30 +188,38 @@ class Servers:
         if server is None or cli is None:
             self.skipped["redis-cluster"] = "redis-server/redis-cli not on PATH to start one"
             return
-        ports = [free_port() for _ in range(3)]
-        try:
-            for port in ports:
-                folder = self.tmp / f"cluster-{port}"
-                folder.mkdir()
-                argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled"]
-                argv += ["yes", "--cluster-config-file", "nodes.conf", "--save", ""]
-                argv += ["--appendonly", "no", "--dir", str(folder)]
-                self._spawn(f"redis-cluster-{port}", argv, folder)
-            for port in ports:
-                _wait_port(port, 10)
-            nodes = [f"127.0.0.1:{p}" for p in ports]
-            subprocess.run(
-                [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
-            _wait_cluster(cli, ports[0], 20)
-        except Exception as exc:
-            self.skipped["redis-cluster"] = f"could not start a 3-node cluster: {exc}"
+        problem = ""
+        for _attempt in range(2):
+            ports = _cluster_ports(3)
+            try:
+                self._start_cluster(server, cli, ports)
+                break
+            except Exception as exc:
+                problem = f"could not start a 3-node cluster: {exc}"
+        else:
+            self.skipped["redis-cluster"] = problem
             return
         url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
         self.found.append(target_for_url(url, "redis-cluster"))
+
+    def _start_cluster(self, server: str, cli: str, ports: list[int]) -> None:
+        for port in ports:
+            folder = self.tmp / f"cluster-{port}"
+            folder.mkdir()
+            argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled"]
+            argv += ["yes", "--cluster-config-file", "nodes.conf", "--save", ""]
+            argv += ["--appendonly", "no", "--dir", str(folder)]
+            self._spawn(f"redis-cluster-{port}", argv, folder)
+        for port in ports:
+            _wait_port(port, 15)
+        nodes = [f"127.0.0.1:{p}" for p in ports]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        _wait_cluster(cli, ports[0], 30)
 
     def _dynamodb(self, name: str, env: str, port: int, start: bool) -> None:
         endpoint = os.environ.get(env)
@@ -284,6 +292,19 @@ class Servers:
                 s.process.wait(5)
         self.started.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """Free ports at most 55535: a cluster node also listens on its port + 10000."""
+    import random
+
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randint(20000, 29999)
+        if port in ports or port_open("127.0.0.1", port) or port_open("127.0.0.1", port + 10000):
+            continue
+        ports.append(port)
+    return ports
 
 
 def _wait_port(port: int, seconds: float) -> None:
