@@ -14,8 +14,9 @@ fixed for the duration of one statement.
 
 from __future__ import annotations
 
+import operator
 import re
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec.structs
@@ -40,12 +41,17 @@ class Rows(NamedTuple):
 
 Step = tuple[TextClause, dict[str, Any]]
 Program = Generator[Step, Rows, T]
+#: a statement as the driver takes it: its SQL text, and what turns a program's parameter
+#: dict into the driver's parameters (a tuple for positional paramstyles, a mapping else)
+Compiled = tuple[str, Callable[[dict[str, Any]], Any]]
 
 # A claim that loses a race re-reads and decides again; more than this means something is
 # rewriting the key in a tight loop.
 _MAX_RACES = 16
 # Requests per multi-row claim statement (SQLite allows 32766 parameters, 5 per request).
 _BATCH = 500
+# Keys a SQLite store remembers having claimed (a hint only: forgetting costs a statement).
+_SEEN = 4096
 _IN_PROGRESS = Status.IN_PROGRESS.value
 _COMPLETED = Status.COMPLETED.value
 
@@ -148,6 +154,14 @@ class SQL:
             f"updated_at = {now} WHERE {self.holds}{ret}"
         )
         self.stmt_purge = self._text(self.purge_sql())
+        self._compiled: dict[TextClause, Compiled] = {}
+
+    def compiled(self, stmt: TextClause) -> Compiled:
+        """``stmt`` compiled once for this dialect, to run on a DBAPI cursor directly."""
+        found = self._compiled.get(stmt)
+        if found is None:
+            found = self._compiled[stmt] = compile_for(stmt, self.dialect)
+        return found
 
     # -- dialect hooks -------------------------------------------------------------------
 
@@ -181,7 +195,8 @@ class SQL:
 
     # -- programs ------------------------------------------------------------------------
 
-    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+    def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
+        """``autocommit``: every statement is a transaction of its own (not the caller's)."""
         raise NotImplementedError
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> Program[list[ClaimResult]]:
@@ -273,6 +288,47 @@ _PARAM_TYPES: dict[str, Any] = {
 }
 
 
+def compile_for(stmt: TextClause, dialect: Dialect) -> Compiled:
+    """The driver's SQL string for ``stmt`` and its parameter layout.
+
+    Values go through the same bind processors SQLAlchemy would apply (only the binary
+    and array types have one); every other value is passed to the driver as it is.
+    """
+    compiled = stmt.compile(dialect=dialect)
+    procs: dict[str, Callable[[Any], Any]] = {}
+    for name, bind in compiled.binds.items():
+        proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
+        if proc is not None:
+            procs[name] = proc
+    if dialect.positional:
+        names = tuple(compiled.positiontup or ())
+        if procs:
+
+            def positional(params: dict[str, Any]) -> Any:
+                return tuple(procs[n](params[n]) if n in procs else params[n] for n in names)
+
+            return compiled.string, positional
+        if not names:
+            return compiled.string, lambda _params: ()
+        if len(names) == 1:
+            only = names[0]
+            return compiled.string, lambda params: (params[only],)
+        getter = operator.itemgetter(*names)
+        return compiled.string, getter
+    if procs:
+
+        def named(params: dict[str, Any]) -> Any:
+            return {**params, **{n: p(params[n]) for n, p in procs.items() if n in params}}
+
+        return compiled.string, named
+    # pyformat drivers look parameters up by name and ignore the rest: pass the dict as is.
+    return compiled.string, _same
+
+
+def _same(params: dict[str, Any]) -> Any:
+    return params
+
+
 def _bind_names(sql: str) -> set[str]:
     return {f":{m}" for m in re.findall(r"(?<![:\w]):(\w+)", sql)}
 
@@ -351,7 +407,7 @@ class PostgresSQL(SQL):
             return _written(request, record, previous)
         return _found(request, record, int(row[11]))
 
-    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+    def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
         params = _claim_params(request)
         for _ in range(_MAX_RACES):
             rows = (yield self.stmt_claim, params).rows
@@ -411,6 +467,7 @@ class SQLiteSQL(SQL):
             f":attempt, {now}, {now}, NULL)"
         )
         self._batches: dict[int, TextClause] = {}
+        self._seen: dict[str, None] = {}
         self._claim_sql = (
             f"INSERT INTO {t} ({self.cols}) VALUES :values "
             f"ON CONFLICT ({c['key']}) DO UPDATE SET status = excluded.status, "
@@ -473,8 +530,17 @@ class SQLiteSQL(SQL):
                     results.append((yield from self._claim(request, inserted=False)))
         return results
 
-    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
-        return (yield from self._claim(request, inserted=True))
+    def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
+        seen = self._seen
+        key = request.key
+        # A key this store has met is likely there: read it first, and a replay is one
+        # read-only statement. Only outside a caller's transaction: in one, SQLite cannot
+        # turn a read into a write once another connection has written (SQLITE_BUSY).
+        read_first = autocommit and key in seen
+        if len(seen) >= _SEEN:
+            seen.clear()
+        seen[key] = None
+        return (yield from self._claim(request, inserted=not read_first))
 
     def _claim(self, request: ClaimRequest, *, inserted: bool) -> Program[ClaimResult]:
         params = _claim_params(request)
@@ -564,7 +630,7 @@ class MySQL(SQL):
             f"SELECT @idem_take, @idem_old, {self.cols}, {now} FROM {t} WHERE {c['key']} = :key"
         )
 
-    def claim(self, request: ClaimRequest) -> Program[ClaimResult]:
+    def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
         params = _claim_params(request)
         for _ in range(_MAX_RACES):
             yield self.stmt_claim, params

@@ -3,20 +3,29 @@
 Our own engines run in the driver's autocommit mode, so each statement commits on the server
 with no BEGIN/COMMIT round trips, and never roll back on check-in. A store bound to the
 caller's connection (:meth:`SQLStore.bind`) runs inside the caller's transaction instead.
+
+The sync store on an Engine runs each statement, compiled once per dialect, on a DBAPI
+cursor of a pooled connection it keeps checked out between calls (:class:`ConnectionCache`):
+SQLAlchemy's per-call ``Connection`` and result machinery would cost several times the
+database round trip itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import MetaData, Table, inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.pool import NullPool, PoolProxiedConnection
 
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record
@@ -32,9 +41,15 @@ _MISSING_TABLE = ("no such table", "does not exist", "doesn't exist", "undefined
 # still uses those sockets) and opens its own.
 _owned: weakref.WeakSet[Engine] = weakref.WeakSet()
 _owned_lock = threading.Lock()
+_caches: weakref.WeakSet[ConnectionCache] = weakref.WeakSet()
+# Connections a forked child inherited: kept referenced forever, since closing them (or
+# letting the pool's finalizer reset them) would talk on the parent's sockets.
+_inherited: list[Any] = []
 
 
 def _after_fork_in_child() -> None:
+    for cache in list(_caches):
+        cache.forget()
     for engine in list(_owned):
         engine.dispose(close=False)
 
@@ -73,6 +88,173 @@ async def run_async(conn: AsyncConnection, program: Program[T]) -> T:
         rows = Rows(list(result.fetchall()) if result.returns_rows else [], result.rowcount)
         step, value, done = _step(program, rows)
     return value  # type: ignore[return-value]
+
+
+_Entry = tuple[PoolProxiedConnection, Any, float]
+_NEVER = float("inf")
+
+
+class ConnectionCache:
+    """A LIFO of the engine pool's DBAPI connections (with a cursor each), kept checked out
+    between calls so that a call costs one ``deque.pop`` instead of a pool checkout.
+
+    A call takes the most recently used connection, or checks one out of the pool when none
+    is idle (so the pool's size, overflow and timeout still bound and throttle the total),
+    and puts it back afterwards. At most ``cap`` connections stay idle here: the rest go back
+    to the pool. A connection-level error invalidates the connection (and, as SQLAlchemy
+    does, every connection the pool handed out before it); :meth:`close` returns them all.
+    """
+
+    def __init__(self, engine: Engine, sql: SQL, *, owned: bool) -> None:
+        self.engine = engine
+        self.sql = sql
+        # The DBAPI-level Dialect methods are typed for PEP 249 objects the drivers lack.
+        self.dialect: Any = engine.dialect
+        self.dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        self.idle: deque[_Entry] = deque()
+        pool = engine.pool
+        size = getattr(pool, "size", None)
+        if isinstance(pool, NullPool):
+            self.cap = 0  # the caller asked for a connection per checkout
+        elif owned and callable(size):
+            self.cap = max(1, int(size()))
+        else:
+            # The caller's engine serves the caller too: do not sit on its pool.
+            self.cap = 1
+        # A caller's engine hands out connections at its own isolation level.
+        self.autocommit = not owned
+        recycle = getattr(pool, "_recycle", -1)
+        self.recycle = float(recycle) if isinstance(recycle, int | float) and recycle >= 0 else -1
+        _caches.add(self)
+        weakref.finalize(self, _return_all, self.idle, self.dialect, self.autocommit)
+
+    def _checkout(self) -> _Entry:
+        conn = self.engine.raw_connection()
+        try:
+            if self.autocommit:
+                self.dialect.set_isolation_level(conn.dbapi_connection, "AUTOCOMMIT")
+            cursor = conn.cursor()
+        except BaseException:
+            conn.invalidate()
+            raise
+        deadline = time.monotonic() + self.recycle if self.recycle >= 0 else _NEVER
+        return conn, cursor, deadline
+
+    def run(self, program: Program[T]) -> T:
+        idle = self.idle
+        try:
+            entry = idle.pop()
+        except IndexError:
+            entry = self._checkout()
+        else:
+            if self.recycle >= 0 and time.monotonic() > entry[2]:
+                # Back to the pool, which replaces it if it is older than pool_recycle.
+                _give_back(entry, self.dialect, self.autocommit)
+                entry = self._checkout()
+        cursor = entry[1]
+        compiled = self.sql.compiled
+        in_driver = False
+        sql = ""
+        args: Any = None
+        try:
+            step = next(program)
+            while True:
+                stmt, params = step
+                sql, layout = compiled(stmt)
+                args = layout(params)
+                in_driver = True
+                cursor.execute(sql, args)
+                rows = cursor.fetchall() if cursor.description is not None else []
+                count = cursor.rowcount
+                in_driver = False
+                step = program.send(Rows(rows, count))
+        except StopIteration as stop:
+            self._put_back(entry)
+            return stop.value  # type: ignore[no-any-return]
+        except self.dbapi_error as exc:
+            disconnect = self.dialect.is_disconnect(exc, entry[0].dbapi_connection, cursor)
+            if disconnect:
+                self._invalidate(entry, exc)
+            else:
+                self._put_back(entry)
+            raise DBAPIError.instance(
+                sql,
+                args,
+                exc,
+                self.dbapi_error,
+                connection_invalidated=disconnect,
+                dialect=self.dialect,
+            ) from exc
+        except BaseException:
+            if in_driver:
+                # Interrupted inside the driver: the protocol state is unknown.
+                entry[0].invalidate()
+            else:
+                # The program raised between statements (LeaseLost, CorruptRecord...).
+                self._put_back(entry)
+            raise
+
+    def _put_back(self, entry: _Entry) -> None:
+        if len(self.idle) < self.cap:
+            self.idle.append(entry)
+        else:
+            _give_back(entry, self.dialect, self.autocommit)
+
+    def _invalidate(self, entry: _Entry, exc: BaseException) -> None:
+        """Like SQLAlchemy on a disconnect: this connection is closed, and every other one
+        the pool opened before now is replaced at its next checkout (the server may have
+        restarted), so the idle ones go back to the pool to be replaced."""
+        conn = entry[0]
+        pool_invalidate = getattr(self.engine.pool, "_invalidate", None)
+        if pool_invalidate is not None:
+            pool_invalidate(conn, exc)
+        else:
+            conn.invalidate(exc)
+        self.close()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        """One of the cache's DBAPI connections, for as long as the block lasts."""
+        try:
+            entry = self.idle.pop()
+        except IndexError:
+            entry = self._checkout()
+        try:
+            yield entry[0].dbapi_connection
+        except BaseException:
+            entry[0].invalidate()
+            raise
+        self._put_back(entry)
+
+    def close(self) -> None:
+        """Every idle connection back to the pool."""
+        _return_all(self.idle, self.dialect, self.autocommit)
+
+    def forget(self) -> None:
+        """In a forked child: drop the parent's connections without touching them."""
+        _inherited.extend(self.idle)
+        self.idle.clear()
+
+
+def _give_back(entry: _Entry, dialect: Any, reset: bool) -> None:
+    conn, cursor, _ = entry
+    try:
+        cursor.close()
+        if reset:
+            dialect.reset_isolation_level(conn.dbapi_connection)
+    except Exception:
+        conn.invalidate()
+        return
+    conn.close()
+
+
+def _return_all(idle: deque[_Entry], dialect: Any, reset: bool) -> None:
+    while True:
+        try:
+            entry = idle.pop()
+        except IndexError:
+            return
+        _give_back(entry, dialect, reset)
 
 
 def unavailable(exc: BaseException, where: str) -> StoreUnavailable:
@@ -145,10 +327,25 @@ class SQLStore(_Common):
         self._engine = engine
         self._connection = connection
         self._owns_engine = owns_engine
+        self._cache = None if engine is None else ConnectionCache(engine, sql, owned=owns_engine)
 
     @property
     def engine(self) -> Engine | None:
         return self._engine
+
+    @property
+    def idle_connections(self) -> int:
+        """Pooled connections this store holds between calls (the rest are in the pool)."""
+        return 0 if self._cache is None else len(self._cache.idle)
+
+    @contextlib.contextmanager
+    def dbapi_connection(self) -> Iterator[Any]:
+        """One of the DBAPI connections the store's calls run on (autocommit), lent for the
+        block; for diagnostics and tests. Not for a store bound to a Connection."""
+        if self._cache is None:
+            raise ConfigurationError("a store on a Connection has no connections of its own")
+        with self._cache.connection() as conn:
+            yield conn
 
     def bind(self, connection: Connection) -> SQLStore:
         """A view of this store inside ``connection``'s transaction: the claim and the
@@ -169,9 +366,8 @@ class SQLStore(_Common):
             if conn.in_transaction():
                 conn.commit()
             return value
-        assert self._engine is not None
-        with self._engine.connect() as conn:
-            return run_sync(conn, program)
+        assert self._cache is not None
+        return self._cache.run(program)
 
     def _run(self, make: Callable[[], Program[T]]) -> T:
         reconnected = created = False
@@ -193,7 +389,7 @@ class SQLStore(_Common):
                 raise unavailable(exc, self._label) from exc
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
-        return self._run(lambda: self.sql.claim(request))
+        return self._run(lambda: self.sql.claim(request, autocommit=self._cache is not None))
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
         if not requests:
@@ -293,6 +489,9 @@ class SQLStore(_Common):
         return self._diagnostics(".".join(map(str, info or ())))
 
     def close(self) -> None:
+        """Return the store's connections to the pool; dispose of the engine if it is ours."""
+        if self._cache is not None:
+            self._cache.close()
         if self._owns_engine and self._engine is not None:
             self._engine.dispose()
 
@@ -416,7 +615,8 @@ class AsyncSQLStore(_Common):
                 raise unavailable(exc, self._label) from exc
 
     async def claim(self, request: ClaimRequest) -> ClaimResult:
-        return await self._run(lambda: self.sql.claim(request))
+        own = self._connection is None
+        return await self._run(lambda: self.sql.claim(request, autocommit=own))
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
         if not requests:

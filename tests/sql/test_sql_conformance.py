@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from pool_watch import PoolWatch, assert_no_leak
 
 from idem_core.registry import open_async_store, open_store
 from idem_core.testing import AsyncStoreSuite, StoreSuite
@@ -19,9 +20,9 @@ class TestSQLStore(StoreSuite):
     @pytest.fixture
     def store(self, db_url: str) -> Iterator[Any]:
         store = open_store(db_url)
+        watch = PoolWatch(store.engine)
         yield store
-        assert store.engine.pool.checkedout() == 0, "a connection leaked"
-        store.close()
+        assert_no_leak(store, watch)
 
 
 class TestAsyncSQLStore(AsyncStoreSuite):

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from pool_watch import PoolWatch, assert_no_leak
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
@@ -32,8 +33,13 @@ def server(db: str, base_url: str) -> Iterator[tuple[str, Engine]]:
 
 def session_id(db: str, store: Any) -> int:
     pid_sql = "SELECT pg_backend_pid()" if db == "postgresql" else "SELECT CONNECTION_ID()"
-    with store.engine.connect() as conn:
-        return int(conn.execute(text(pid_sql)).scalar_one())
+    with store.dbapi_connection() as conn:
+        cursor = conn.cursor()
+        try:
+            cursor.execute(pid_sql)
+            return int(cursor.fetchall()[0][0])
+        finally:
+            cursor.close()
 
 
 def kill_store_connection(db: str, store: Any, admin: Engine) -> int:
@@ -61,6 +67,7 @@ def test_killed_connection_reconnects_without_loss_or_duplicates(
 ) -> None:
     db, admin = server
     store = open_store(db_url + "&pool_size=1&max_overflow=0")
+    watch = PoolWatch(store.engine)
     store.setup()
     run = uuid.uuid4().hex[:8]
     executions: dict[str, int] = {}
@@ -101,6 +108,5 @@ def test_killed_connection_reconnects_without_loss_or_duplicates(
             assert record is not None and record.status is Status.COMPLETED, key
             assert record.result == result
         assert all(exc.__cause__ is not None for exc in errors)
-        assert store.engine.pool.checkedout() == 0
     finally:
-        store.close()
+        assert_no_leak(store, watch)

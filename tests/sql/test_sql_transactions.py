@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pool_watch import PoolWatch, assert_no_leak
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, select
 from sqlalchemy.engine import Engine
 
@@ -27,10 +28,10 @@ def db_tx(db: str) -> str:
 @pytest.fixture
 def store(db_tx: str, db_url: str) -> Iterator[Any]:
     store = open_store(db_url)
+    watch = PoolWatch(store.engine)
     store.setup()
     yield store
-    assert store.engine.pool.checkedout() == 0
-    store.close()
+    assert_no_leak(store, watch)
 
 
 @pytest.fixture
