@@ -292,7 +292,7 @@ class _Common:
     def _diagnostics(self, version: Any) -> dict[str, object]:
         claim_path = {
             "postgresql": "one statement (CTE: snapshot read + INSERT ON CONFLICT RETURNING)",
-            "sqlite": "INSERT ON CONFLICT RETURNING; a replay reads once more",
+            "sqlite": "INSERT ON CONFLICT RETURNING; a key this store claimed before: read first",
             "mysql": "INSERT ON DUPLICATE KEY UPDATE + one read",
             "mariadb": "INSERT ON DUPLICATE KEY UPDATE + one read",
         }.get(self.sql.dialect.name, "?")
