@@ -41,9 +41,11 @@ class Rows(NamedTuple):
 
 Step = tuple[TextClause, dict[str, Any]]
 Program = Generator[Step, Rows, T]
-#: a statement as the driver takes it: its SQL text, and what turns a program's parameter
-#: dict into the driver's parameters (a tuple for positional paramstyles, a mapping else)
-Compiled = tuple[str, Callable[[dict[str, Any]], Any]]
+#: a statement as the driver takes it: its SQL text, what turns a program's parameter dict
+#: into the driver's parameters (a tuple for positional paramstyles, a mapping else), and
+#: whether it returns rows (asking the cursor's description costs psycopg a Column object
+#: per column, per call)
+Compiled = tuple[str, Callable[[dict[str, Any]], Any], bool]
 
 # A claim that loses a race re-reads and decides again; more than this means something is
 # rewriting the key in a tight loop.
@@ -295,6 +297,8 @@ def compile_for(stmt: TextClause, dialect: Dialect) -> Compiled:
     and array types have one); every other value is passed to the driver as it is.
     """
     compiled = stmt.compile(dialect=dialect)
+    sql = compiled.string
+    rows = bool(_RETURNS_ROWS.match(sql)) or " RETURNING " in sql
     procs: dict[str, Callable[[Any], Any]] = {}
     for name, bind in compiled.binds.items():
         proc = bind.type.dialect_impl(dialect).bind_processor(dialect)
@@ -307,22 +311,24 @@ def compile_for(stmt: TextClause, dialect: Dialect) -> Compiled:
             def positional(params: dict[str, Any]) -> Any:
                 return tuple(procs[n](params[n]) if n in procs else params[n] for n in names)
 
-            return compiled.string, positional
+            return sql, positional, rows
         if not names:
-            return compiled.string, lambda _params: ()
+            return sql, lambda _params: (), rows
         if len(names) == 1:
             only = names[0]
-            return compiled.string, lambda params: (params[only],)
-        getter = operator.itemgetter(*names)
-        return compiled.string, getter
+            return sql, lambda params: (params[only],), rows
+        return sql, operator.itemgetter(*names), rows
     if procs:
 
         def named(params: dict[str, Any]) -> Any:
             return {**params, **{n: p(params[n]) for n, p in procs.items() if n in params}}
 
-        return compiled.string, named
+        return sql, named, rows
     # pyformat drivers look parameters up by name and ignore the rest: pass the dict as is.
-    return compiled.string, _same
+    return sql, _same, rows
+
+
+_RETURNS_ROWS = re.compile(r"\s*(SELECT|WITH)\b", re.IGNORECASE)
 
 
 def _same(params: dict[str, Any]) -> Any:

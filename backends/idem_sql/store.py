@@ -160,11 +160,11 @@ class ConnectionCache:
             step = next(program)
             while True:
                 stmt, params = step
-                sql, layout = compiled(stmt)
+                sql, layout, returns_rows = compiled(stmt)
                 args = layout(params)
                 in_driver = True
                 cursor.execute(sql, args)
-                rows = cursor.fetchall() if cursor.description is not None else []
+                rows = cursor.fetchall() if returns_rows else []
                 count = cursor.rowcount
                 in_driver = False
                 step = program.send(Rows(rows, count))
