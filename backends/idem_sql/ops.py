@@ -157,6 +157,7 @@ class SQL:
         )
         self.stmt_purge = self._text(self.purge_sql())
         self._compiled: dict[TextClause, Compiled] = {}
+        self._seen: dict[str, None] = {}
 
     def compiled(self, stmt: TextClause) -> Compiled:
         """``stmt`` compiled once for this dialect, to run on a DBAPI cursor directly."""
@@ -196,6 +197,26 @@ class SQL:
         )
 
     # -- programs ------------------------------------------------------------------------
+
+    def _read_first(self, key: str, autocommit: bool) -> bool:
+        """Whether a claim should read before it writes: only for a key this store claimed
+        before (likely a replay, which then costs one read-only statement), and only
+        outside a caller's transaction (there SQLite cannot turn a read into a write once
+        another connection has written, and PostgreSQL must wait on the row lock)."""
+        seen = self._seen
+        if key in seen:
+            return autocommit
+        if len(seen) >= _SEEN:
+            seen.clear()
+        seen[key] = None
+        return False
+
+    def _found_first(self, request: ClaimRequest) -> Program[ClaimResult | None]:
+        """The answer when the record is there and not takeable, else None (write then)."""
+        rows = (yield self.stmt_read, {"key": request.key}).rows
+        if not rows:
+            return None
+        return _found(request, decode(rows[0][:10]), int(rows[0][10]))
 
     def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
         """``autocommit``: every statement is a transaction of its own (not the caller's)."""
@@ -414,6 +435,10 @@ class PostgresSQL(SQL):
         return _found(request, record, int(row[11]))
 
     def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
+        if self._read_first(request.key, autocommit):
+            found = yield from self._found_first(request)
+            if found is not None:
+                return found
         params = _claim_params(request)
         for _ in range(_MAX_RACES):
             rows = (yield self.stmt_claim, params).rows
@@ -473,7 +498,6 @@ class SQLiteSQL(SQL):
             f":attempt, {now}, {now}, NULL)"
         )
         self._batches: dict[int, TextClause] = {}
-        self._seen: dict[str, None] = {}
         self._claim_sql = (
             f"INSERT INTO {t} ({self.cols}) VALUES :values "
             f"ON CONFLICT ({c['key']}) DO UPDATE SET status = excluded.status, "
@@ -537,15 +561,7 @@ class SQLiteSQL(SQL):
         return results
 
     def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
-        seen = self._seen
-        key = request.key
-        # A key this store has met is likely there: read it first, and a replay is one
-        # read-only statement. Only outside a caller's transaction: in one, SQLite cannot
-        # turn a read into a write once another connection has written (SQLITE_BUSY).
-        read_first = autocommit and key in seen
-        if len(seen) >= _SEEN:
-            seen.clear()
-        seen[key] = None
+        read_first = self._read_first(request.key, autocommit)
         return (yield from self._claim(request, inserted=not read_first))
 
     def _claim(self, request: ClaimRequest, *, inserted: bool) -> Program[ClaimResult]:
