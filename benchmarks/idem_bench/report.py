@@ -211,10 +211,13 @@ def write(results: dict[str, Any], out: Path) -> list[str]:
     return plots
 
 
-def markdown(results: dict[str, Any], plots: list[str]) -> str:
+def markdown(results: dict[str, Any], plots: list[str], images: str = "", level: int = 1) -> str:
+    """The report; ``images`` prefixes plot paths and ``level`` is the title's heading level
+    (the docs embed it one level down, with the plots copied next to the page)."""
     meta = results["meta"]
+    h1, h2 = "#" * level, "#" * (level + 1)
     lines = [
-        f"# idem bench: {meta['date']}",
+        f"{h1} idem bench: {meta['date']}",
         "",
         f"Command: `{meta['command']}`",
         "",
@@ -224,12 +227,12 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         "Absolute times are this machine's; the ratios (to each server's own round trip, and "
         "between libraries measured in the same run) are what carry over.",
         "",
-        "## Versions",
+        f"{h2} Versions",
         "",
     ]
     for k, v in meta["versions"].items():
         lines.append(f"- {k}: {v}")
-    lines += ["", "## Latency (p50 µs, concurrency 1) and round trips per call", ""]
+    lines += ["", f"{h2} Latency (p50 µs, concurrency 1) and round trips per call", ""]
     lines.append(
         "| target | system | mode | floor | first | replay | conflict | claim_many(100) "
         "| first/floor | replay/floor | RT first | RT replay | first ops/s c=16 |"
@@ -260,7 +263,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
         )
     peers = [s for s in results["latency"] if s["system"] != "idem-core" and "to_idem_core" in s]
     if peers:
-        lines += ["", "## Peers: p50 as a multiple of idem-core's (same run, same server)", ""]
+        lines += ["", f"{h2} Peers: p50 as a multiple of idem-core's (same run, same server)", ""]
         lines.append("| target | peer | mode | compared with | first | replay | conflict |")
         lines.append("|---|---|---|---|---|---|---|")
         for s in peers:
@@ -270,7 +273,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 f"| {t.get('first', '-')} | {t.get('replay', '-')} | {t.get('conflict', '-')} |"
             )
     if results.get("overhead"):
-        lines += ["", "## Core overhead on memory:// (µs per call over the bare function)", ""]
+        lines += ["", f"{h2} Core overhead on memory:// (µs per call over the bare function)", ""]
         lines.append("| system | first call | replay | bare function |")
         lines.append("|---|---|---|---|")
         for name, o in results["overhead"].items():
@@ -282,7 +285,7 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
             else:
                 lines.append(f"| {name} | {o.get('skipped') or o.get('error')} | | |")
     if results.get("races"):
-        lines += ["", "## Races", ""]
+        lines += ["", f"{h2} Races", ""]
         lines.append(
             "| target | system | storm: keys not run exactly once | zombie completion accepted "
             "| zombie told success | final = successor's result | crash: takeover (s) "
@@ -294,12 +297,12 @@ def markdown(results: dict[str, Any], plots: list[str]) -> str:
                 f"| {r['target']} | {r['system']} | " + " | ".join(race_cells(r["results"])) + " |"
             )
     if results.get("skipped"):
-        lines += ["", "## Skipped", ""]
+        lines += ["", f"{h2} Skipped", ""]
         for name, why in results["skipped"].items():
             lines.append(f"- {name}: {why}")
     if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{p}]({p})" for p in plots]
+        lines += ["", f"{h2} Plots", ""]
+        lines += [f"![{p}]({images}{p})" for p in plots]
     return "\n".join(lines) + "\n"
 
 
