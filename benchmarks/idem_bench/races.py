@@ -530,7 +530,26 @@ def run_races(
         except Exception as exc:
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         out[name]["seconds"] = round(time.monotonic() - t0, 2)
+    _drop_race_table(spec)
     return out
+
+
+def _drop_race_table(spec: Spec) -> None:
+    """The race table of a shared SQL server (SQLite lives in a temporary folder)."""
+    target = spec.target
+    if spec.system != "idem-core" or target.kind != "sql" or target.database == "sqlite":
+        return
+    try:
+        from sqlalchemy import create_engine
+
+        engine = create_engine(target.url.split("?", 1)[0])
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS idem_race_{spec.tag}")
+        finally:
+            engine.dispose()
+    except Exception:
+        pass
 
 
 __all__ = ["LEASE", "RACES", "Runner", "Spec", "run_races"]

@@ -283,7 +283,7 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
 
             floor, floor_name = sql_floor, "SELECT 1"
             if target.database != "sqlite":
-                closers.insert(0, lambda: _drop(engine, f"idem_bench_{tag}"))
+                closers.append(lambda: _drop(engine, f"idem_bench_{tag}"))
     fn = idem.idempotent(key="order_id", scope=f"charge{tag}")(charge)
 
     def call(key: str) -> Any:
@@ -379,7 +379,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
                         if conn.in_transaction():
                             await conn.commit()
 
-                closers.insert(0, adrop)
+                closers.append(adrop)
     fn = idem.idempotent(key="order_id", scope=f"acharge{tag}")(acharge)
 
     async def call(key: str) -> Any:
