@@ -100,9 +100,10 @@ class ConnectionCache:
 
     A call takes the most recently used connection, or checks one out of the pool when none
     is idle (so the pool's size, overflow and timeout still bound and throttle the total),
-    and puts it back afterwards. At most ``cap`` connections stay idle here: the rest go back
-    to the pool. A connection-level error invalidates the connection (and, as SQLAlchemy
-    does, every connection the pool handed out before it); :meth:`close` returns them all.
+    and puts it back afterwards. At most ``cap`` connections stay idle here, and none while
+    a call waits on the pool: those go back to the pool. A connection-level error invalidates
+    the connection (and, as SQLAlchemy does, every connection the pool handed out before it);
+    :meth:`close` returns them all.
     """
 
     def __init__(self, engine: Engine, sql: SQL, *, owned: bool) -> None:
@@ -125,6 +126,8 @@ class ConnectionCache:
         self.autocommit = not owned
         recycle = getattr(pool, "_recycle", -1)
         self.recycle = float(recycle) if isinstance(recycle, int | float) and recycle >= 0 else -1
+        self._lock = threading.Lock()
+        self._waiting = 0
         _caches.add(self)
         weakref.finalize(self, _return_all, self.idle, self.dialect, self.autocommit)
 
@@ -145,12 +148,12 @@ class ConnectionCache:
         try:
             entry = idle.pop()
         except IndexError:
-            entry = self._checkout()
+            entry = self._take()
         else:
             if self.recycle >= 0 and time.monotonic() > entry[2]:
                 # Back to the pool, which replaces it if it is older than pool_recycle.
                 _give_back(entry, self.dialect, self.autocommit)
-                entry = self._checkout()
+                entry = self._take()
         cursor = entry[1]
         compiled = self.sql.compiled
         in_driver = False
@@ -194,11 +197,26 @@ class ConnectionCache:
                 self._put_back(entry)
             raise
 
+    def _take(self) -> _Entry:
+        """An idle connection, or one from the pool (waiting for one as the pool does)."""
+        with self._lock:
+            if self.idle:
+                return self.idle.pop()
+            self._waiting += 1
+        try:
+            return self._checkout()
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
     def _put_back(self, entry: _Entry) -> None:
-        if len(self.idle) < self.cap:
-            self.idle.append(entry)
-        else:
-            _give_back(entry, self.dialect, self.autocommit)
+        # While a call waits on the pool, connections go back there, not to the cache: the
+        # waiting call would never see them here.
+        with self._lock:
+            if not self._waiting and len(self.idle) < self.cap:
+                self.idle.append(entry)
+                return
+        _give_back(entry, self.dialect, self.autocommit)
 
     def _invalidate(self, entry: _Entry, exc: BaseException) -> None:
         """Like SQLAlchemy on a disconnect: this connection is closed, and every other one
@@ -215,10 +233,7 @@ class ConnectionCache:
     @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
         """One of the cache's DBAPI connections, for as long as the block lasts."""
-        try:
-            entry = self.idle.pop()
-        except IndexError:
-            entry = self._checkout()
+        entry = self._take()
         try:
             yield entry[0].dbapi_connection
         except BaseException:
@@ -234,6 +249,9 @@ class ConnectionCache:
         """In a forked child: drop the parent's connections without touching them."""
         _inherited.extend(self.idle)
         self.idle.clear()
+        # The parent's other threads are gone, and may have held the lock at the fork.
+        self._lock = threading.Lock()
+        self._waiting = 0
 
 
 def _give_back(entry: _Entry, dialect: Any, reset: bool) -> None:

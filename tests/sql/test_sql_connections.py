@@ -5,6 +5,7 @@ resets them before they go back), and a forked child never touches its parent's.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -103,3 +104,37 @@ def test_forked_child_leaves_the_parents_connections_alone(db_url: str) -> None:
         store.complete(first.record.key, first.fence, b"x", 60)
     finally:
         store.close()
+
+
+def test_threads_share_the_cache_within_the_pools_bounds(db_url: str) -> None:
+    store = open_store(db_url + "&pool_size=2&max_overflow=0&pool_timeout=30")
+    watch = PoolWatch(store.engine)
+    store.setup()
+    peak = 0
+    errors: list[BaseException] = []
+    run = uuid.uuid4().hex[:8]
+
+    def worker(n: int) -> None:
+        nonlocal peak
+        try:
+            for i in range(40):
+                key = f"thr-{run}-{n}-{i}"
+                res = store.claim(req(key))
+                peak = max(peak, watch.out)
+                store.complete(key, res.fence, b"x", 60)
+                assert store.claim(req(key)).outcome is ClaimOutcome.COMPLETED
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert errors == []
+        assert peak <= 2
+        assert store.idle_connections <= 2
+    finally:
+        store.close()
+    assert watch.out == 0
