@@ -384,8 +384,16 @@ class SQLStore(_Common):
             if conn.in_transaction():
                 conn.commit()
             return value
-        assert self._cache is not None
-        return self._cache.run(program)
+        cache = self._cache
+        assert cache is not None and self._engine is not None
+        dispatch = self._engine.dispatch
+        if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+            # Someone watches statements (tracing, counting): their listeners expect a
+            # Connection, so take the SQLAlchemy path, with the cached connections pooled.
+            cache.close()
+            with self._engine.connect() as conn:
+                return run_sync(conn, program)
+        return cache.run(program)
 
     def _run(self, make: Callable[[], Program[T]]) -> T:
         reconnected = created = False

@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 from pool_watch import PoolWatch
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.pool import NullPool
 
 from idem_core.record import ClaimOutcome, ClaimRequest, Status
@@ -136,5 +136,31 @@ def test_threads_share_the_cache_within_the_pools_bounds(db_url: str) -> None:
         assert peak <= 2
         assert store.idle_connections <= 2
     finally:
+        store.close()
+    assert watch.out == 0
+
+
+def test_statement_listeners_still_see_every_statement(db_url: str) -> None:
+    """Tracing and counting hooks on the engine keep working: the store then runs its
+    statements through SQLAlchemy's Connection, as they expect."""
+    store = open_store(db_url)
+    watch = PoolWatch(store.engine)
+    store.setup()
+    key = f"ev-{uuid.uuid4().hex}"
+    res = store.claim(req(key))
+    seen: list[str] = []
+
+    def before(conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        assert conn.engine is not None
+        seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", before)
+    try:
+        store.complete(key, res.fence, b"x", 60)
+        assert store.claim(req(key)).outcome is ClaimOutcome.COMPLETED
+        assert seen, "the listener saw nothing"
+        assert store.idle_connections == 0
+    finally:
+        event.remove(store.engine, "before_cursor_execute", before)
         store.close()
     assert watch.out == 0
