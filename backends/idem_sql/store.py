@@ -390,10 +390,21 @@ class SQLStore(_Common):
         if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
             # Someone watches statements (tracing, counting): their listeners expect a
             # Connection, so take the SQLAlchemy path, with the cached connections pooled.
-            cache.close()
-            with self._engine.connect() as conn:
+            with self._connect() as conn:
                 return run_sync(conn, program)
         return cache.run(program)
+
+    def _release_idle(self) -> None:
+        # Our idle connections back to the pool first: with a pool of one, the connection
+        # this checkout needs may be sitting in our cache.
+        if self._cache is not None:
+            self._cache.close()
+
+    def _connect(self) -> Connection:
+        """A SQLAlchemy Connection from the engine, for what does not run on the cache."""
+        assert self._engine is not None
+        self._release_idle()
+        return self._engine.connect()
 
     def _run(self, make: Callable[[], Program[T]]) -> T:
         reconnected = created = False
@@ -456,6 +467,7 @@ class SQLStore(_Common):
             return _CommitOnExit(self._connection)
         assert self._engine is not None
         level = self._engine.dialect.default_isolation_level or "SERIALIZABLE"
+        self._release_idle()
         return _TransactionOn(self._engine, level)
 
     def release(self, key: str, fence: int) -> None:
@@ -485,7 +497,7 @@ class SQLStore(_Common):
             if self._connection is not None:
                 return self._setup_on(self._connection)
             assert self._engine is not None
-            with self._engine.connect() as conn:
+            with self._connect() as conn:
                 return self._setup_on(conn)
         except SQLAlchemyError as exc:
             raise unavailable(exc, self._label) from exc
@@ -508,7 +520,7 @@ class SQLStore(_Common):
                 info = self._connection.dialect.server_version_info
             else:
                 assert self._engine is not None
-                with self._engine.connect() as conn:
+                with self._connect() as conn:
                     info = conn.dialect.server_version_info
         except SQLAlchemyError as exc:
             raise unavailable(exc, self._label) from exc

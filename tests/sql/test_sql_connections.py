@@ -4,6 +4,7 @@ resets them before they go back), and a forked child never touches its parent's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import uuid
@@ -162,5 +163,34 @@ def test_statement_listeners_still_see_every_statement(db_url: str) -> None:
         assert store.idle_connections == 0
     finally:
         event.remove(store.engine, "before_cursor_execute", before)
+        store.close()
+    assert watch.out == 0
+
+
+def test_a_pool_of_one_serves_the_calls_that_need_a_sqlalchemy_connection(
+    base_url: str,
+) -> None:
+    """setup (also when a first call finds no table), diagnostics and completion with the
+    caller's statements check a Connection out of the pool: the cache gives its one back."""
+    table = f"idem_one_{uuid.uuid4().hex[:8]}"
+    url = f"{base_url}?table={table}&pool_size=1&max_overflow=0&pool_timeout=3"
+    store = open_store(url)
+    watch = PoolWatch(store.engine)
+    try:
+        key = f"one-{uuid.uuid4().hex}"
+        res = store.claim(req(key))  # no table yet: created on the way
+        assert res.outcome is ClaimOutcome.CLAIMED
+        assert store.idle_connections == 1
+        assert store.diagnostics()["table"] == table
+        assert "already exists" in store.setup()
+        store.claim(req(f"one-{uuid.uuid4().hex}"))
+        record = store.complete(key, res.fence, b"x", 60, with_items=[text("SELECT 1")])
+        assert record.status is Status.COMPLETED
+        assert store.claim(req(key)).outcome is ClaimOutcome.COMPLETED
+    finally:
+        with contextlib.suppress(Exception), store.dbapi_connection() as conn:
+            cursor = conn.cursor()
+            cursor.execute(f"DROP TABLE IF EXISTS {table}")
+            cursor.close()
         store.close()
     assert watch.out == 0
