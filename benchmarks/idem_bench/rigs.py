@@ -277,11 +277,9 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
             if rts is not None:
                 event.listen(engine, "before_cursor_execute", rts)
 
-            def sql_floor() -> Any:
-                with engine.connect() as conn:
-                    return conn.exec_driver_sql("SELECT 1").scalar()
-
-            floor, floor_name = sql_floor, "SELECT 1"
+            floor, close_floor = _dbapi_floor(engine)
+            floor_name = "SELECT 1 (DBAPI cursor)"
+            closers.append(close_floor)
             if target.database != "sqlite":
                 closers.append(lambda: _drop(engine, f"idem_bench_{tag}"))
     fn = idem.idempotent(key="order_id", scope=f"charge{tag}")(charge)
@@ -303,6 +301,42 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         ops,
         closers,
     )
+
+
+def _dbapi_floor(engine: Any) -> tuple[Callable[[], Any], Callable[[], None]]:
+    """``SELECT 1`` on a DBAPI cursor of the store's driver and URL, the way the sync SQL
+    store runs its statements (cursors of kept connections, autocommit), from a pool of its
+    own so that it never waits on the connections the store keeps."""
+    from sqlalchemy import create_engine
+
+    own = create_engine(engine.url, pool_size=80, max_overflow=0)
+    idle: list[tuple[Any, Any]] = []
+    lock = threading.Lock()
+
+    def floor() -> Any:
+        with lock:
+            entry = idle.pop() if idle else None
+        if entry is None:
+            raw = own.raw_connection()
+            dbapi = raw.dbapi_connection
+            assert dbapi is not None
+            own.dialect.set_isolation_level(dbapi, "AUTOCOMMIT")
+            entry = (raw, raw.cursor())
+        try:
+            entry[1].execute("SELECT 1")
+            return entry[1].fetchall()
+        finally:
+            with lock:
+                idle.append(entry)
+
+    def close() -> None:
+        while idle:
+            raw, cursor = idle.pop()
+            cursor.close()
+            raw.close()
+        own.dispose()
+
+    return floor, close
 
 
 def _drop(engine: Any, table: str) -> None:
