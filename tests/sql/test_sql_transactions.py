@@ -19,14 +19,7 @@ from idem_core.registry import open_store
 
 
 @pytest.fixture
-def db_tx(db: str) -> str:
-    if db == "mysql":
-        pytest.skip("transactional completion is specified and tested on PostgreSQL and SQLite")
-    return db
-
-
-@pytest.fixture
-def store(db_tx: str, db_url: str) -> Iterator[Any]:
+def store(db_url: str) -> Iterator[Any]:
     store = open_store(db_url)
     watch = PoolWatch(store.engine)
     store.setup()
@@ -35,7 +28,7 @@ def store(db_tx: str, db_url: str) -> Iterator[Any]:
 
 
 @pytest.fixture
-def app(base_url: str, db_tx: str) -> Iterator[tuple[Engine, Table]]:
+def app(base_url: str) -> Iterator[tuple[Engine, Table]]:
     """The application's own engine (a normal, transactional one) and business table."""
     engine = create_engine(base_url)
     orders = Table(
