@@ -23,7 +23,9 @@ def full_key(namespace: str, scope: str, raw: object, max_length: int) -> str:
     if not raw:
         raise KeyMissing("the idempotency key is empty")
     key = f"{namespace}:{scope}:{raw}" if scope else f"{namespace}:{raw}"
-    if len(key) > max_length or len(key.encode()) > max_length:
+    # A character is at most 4 bytes in UTF-8: most keys never need encoding to be measured.
+    size = len(key)
+    if size > max_length or (size * 4 > max_length and len(key.encode()) > max_length):
         digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
         key = f"{namespace[:32]}:#{digest}"
     return key
