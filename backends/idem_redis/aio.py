@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -132,12 +133,43 @@ class AsyncRedisStore:
         if not self._loaded:
             await self._load_scripts()
         client = self.client
+        if not self.cluster and getattr(client, "connection", None) is None:
+            return await self._run_direct(client.connection_pool, script, rkey, args)
         try:
             return await client.execute_command("EVALSHA", script.sha, 1, rkey, *args)
         except Exception as exc:
             if not common.is_noscript(exc):
                 raise
         return await client.execute_command("EVAL", script.text, 1, rkey, *args)
+
+    async def _run_direct(self, pool: Any, script: Script, rkey: str, args: tuple[Any, ...]) -> Any:
+        """The twin of the sync store's direct path: EVALSHA (EVAL on NOSCRIPT) on a pooled
+        connection, skipping redis-py's generic command path; retried as redis-py retries.
+        A task cancelled mid-command leaves no reply behind: redis-py's connection
+        disconnects itself on any exception while sending or reading."""
+        from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+
+        attempt = 0
+        while True:
+            conn = await pool.get_connection()
+            try:
+                try:
+                    await conn.send_command("EVALSHA", script.sha, 1, rkey, *args)
+                    return await conn.read_response()
+                except ResponseError as exc:
+                    if not common.is_noscript(exc):
+                        raise
+                # A server that restarted or flushed its script cache: EVAL loads it again.
+                await conn.send_command("EVAL", script.text, 1, rkey, *args)
+                return await conn.read_response()
+            except (ConnectionError, TimeoutError, OSError):
+                await conn.disconnect()
+                if attempt >= self.config.retries:
+                    raise
+            finally:
+                await pool.release(conn)
+            attempt += 1
+            await asyncio.sleep(min(0.1, 0.01 * 2**attempt) * random.random())
 
     async def _run_and_wait(self, script: Script, rkey: str, *args: Any) -> Any:
         if self.config.wait_replicas <= 0:

@@ -4,6 +4,7 @@ URLs, corrupt values, WAIT for replicas."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -362,3 +363,23 @@ def test_wait_replicas(tmp_path: Path, own_server: RedisServer) -> None:
         strict.close()
     finally:
         replica.stop()
+
+
+async def test_cancelled_calls_leave_no_connection_out_of_step(redis_url: str) -> None:
+    """A task cancelled while its script is in flight must not leave the reply on a pooled
+    connection for the next call to read."""
+    store = open_async_store(f"{redis_url}?prefix=cancel-{uuid.uuid4().hex}:")
+    try:
+        for i in range(200):
+            task = asyncio.ensure_future(store.claim(req(f"victim-{i}")))
+            for _ in range(i % 4):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            key = f"check-{i}"
+            res = await store.claim(req(key))
+            assert res.record.key == key
+            assert res.outcome is ClaimOutcome.CLAIMED
+    finally:
+        await store.close()
