@@ -7,7 +7,9 @@ at the few least recently written records, so memory does not grow with dead key
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,7 +17,7 @@ from urllib.parse import urlsplit
 from . import machine
 from .clock import Clock, system_clock
 from .errors import ConfigurationError
-from .record import ClaimRequest, ClaimResult, Record
+from .record import MICROS, ClaimRequest, ClaimResult, Record
 from .registry import url_options
 
 _named: dict[str, MemoryStore] = {}
@@ -35,6 +37,8 @@ class MemoryStore:
         self._max_size = max_size
         self._records: dict[str, Record] = {}
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0  # sync waiters; writes notify only when there are some
         self._last_fence = 0
 
     def __len__(self) -> int:
@@ -68,6 +72,7 @@ class MemoryStore:
                 self._insert(record, now)
             else:
                 self._records[record.key] = record
+                self._changed_now()
             return ClaimResult(outcome, record)
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
@@ -91,6 +96,7 @@ class MemoryStore:
                 assert current is not None
                 rec = machine.completed(current, result, ttl, now)
                 self._records[key] = rec
+                self._changed_now()
                 return rec
             return machine.after_failed_complete(current, key, fence, now)
 
@@ -101,6 +107,7 @@ class MemoryStore:
             if machine.holds(current, fence, now):
                 assert current is not None
                 self._records[key] = machine.released(current, now)
+                self._changed_now()
                 return
             machine.after_failed_release(current, key, fence, now)
 
@@ -122,6 +129,37 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         with self._lock:
             self._records.pop(key, None)
+            self._changed_now()
+
+    def _changed_now(self) -> None:
+        """Called with the lock held after a write that can end a wait."""
+        if self._waiting:
+            self._changed.notify_all()
+
+    def _held(self, key: str, fence: int, now: int) -> Record | None:
+        rec = self._records.get(key)
+        if rec is not None and machine.holds(rec, fence, now) and rec.lease_expires_at > now:
+            return rec
+        return None
+
+    def wait_for_change(self, key: str, fence: int, timeout: float) -> None:
+        """Return once ``key`` is no longer held with a live lease by ``fence`` (completed,
+        released, deleted, taken over or lapsed), or after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._waiting += 1
+            try:
+                while True:
+                    now = self._clock()
+                    rec = self._held(key, fence, now)
+                    remaining = deadline - time.monotonic()
+                    if rec is None or remaining <= 0:
+                        return
+                    # Wake up by the lease's end too: a lapse is no write, nobody notifies it.
+                    lease_left = (rec.lease_expires_at - now) / MICROS
+                    self._changed.wait(min(remaining, max(lease_left, 0.001)))
+            finally:
+                self._waiting -= 1
 
     def now(self) -> int:
         return self._clock()
@@ -174,6 +212,19 @@ class AsyncMemoryStore:
 
     async def now(self) -> int:
         return self.sync.now()
+
+    async def wait_for_change(self, key: str, fence: int, timeout: float) -> None:  # noqa: ASYNC109
+        """The asyncio twin: nothing here may block the loop, so it re-reads the record (a
+        dict lookup, no I/O) in short sleeps."""
+        store = self.sync
+        deadline = time.monotonic() + timeout
+        pause = 0.001
+        while store._held(key, fence, store._clock()) is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.02)
 
     async def close(self) -> None:
         pass

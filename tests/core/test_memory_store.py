@@ -1,0 +1,86 @@
+"""memory://-specific behaviour beyond the conformance suite: waking waiters, size bounds,
+named stores."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+from idem_core import ClaimOutcome, ClaimRequest
+from idem_core.memory import BACKEND, AsyncMemoryStore, MemoryStore
+
+LONG = 30.0  # a waiter that is not woken would sit this long
+
+
+def request(key: str) -> ClaimRequest:
+    return ClaimRequest(key, "f" * 32, uuid.uuid4().hex, 60.0, 600.0)
+
+
+def test_waiters_wake_when_the_record_is_completed_or_released() -> None:
+    store = MemoryStore()
+    for finish in ("complete", "release", "delete"):
+        key = f"k-{finish}"
+        fence = store.claim(request(key)).fence
+        woke = threading.Event()
+
+        def wait(key: str = key, fence: int = fence, woke: threading.Event = woke) -> None:
+            store.wait_for_change(key, fence, LONG)
+            woke.set()
+
+        t = threading.Thread(target=wait)
+        t.start()
+        assert not woke.wait(0.05)  # still held: the waiter waits
+        if finish == "complete":
+            store.complete(key, fence, b"r", 60)
+        elif finish == "release":
+            store.release(key, fence)
+        else:
+            store.delete(key)
+        assert woke.wait(LONG / 3), finish
+        t.join()
+
+
+def test_wait_returns_at_once_when_not_held_and_by_the_lease_end() -> None:
+    store = MemoryStore()
+    t0 = time.monotonic()
+    store.wait_for_change("nothing", 1, LONG)
+    lease = ClaimRequest("short", "f" * 32, "a", 0.05, 600.0)
+    fence = store.claim(lease).fence
+    store.wait_for_change("short", fence, LONG)  # the lapse wakes it: nobody writes
+    assert time.monotonic() - t0 < LONG / 3
+    assert store.claim(request("short")).outcome is ClaimOutcome.TOOK_OVER
+
+
+async def test_async_twin_wakes_without_blocking_the_loop() -> None:
+    astore = AsyncMemoryStore()
+    res = await astore.claim(request("k"))
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    tick = asyncio.ensure_future(ticker())
+    waiter = asyncio.ensure_future(astore.wait_for_change("k", res.fence, LONG))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await astore.complete("k", res.fence, b"r", 60)
+    await asyncio.wait_for(waiter, LONG / 3)
+    tick.cancel()
+    assert ticks > 5  # the loop kept running while the waiter waited
+
+
+def test_size_bound_and_named_stores() -> None:
+    store = MemoryStore(max_size=3)
+    for i in range(10):
+        store.claim(request(f"k{i}"))
+    assert len(store) == 3
+    assert store.get("k9") is not None and store.get("k0") is None
+    shared = f"memory://shared-{uuid.uuid4().hex}"
+    assert BACKEND.open(shared) is BACKEND.open(shared)
+    assert BACKEND.open("memory://") is not BACKEND.open("memory://")
+    assert BACKEND.open("memory://?max_size=2")._max_size == 2
