@@ -309,8 +309,10 @@ class Call(_Steps):
             self.release()
             raise
         self._done = True
-        self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
-        self.idem._remember(self.key, rec)
+        idem = self.idem
+        idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
+        if idem._cache is not None:
+            idem._cache.put(self.key, rec)
 
     def release(self) -> None:
         """Give the claim up so the next duplicate runs."""

@@ -96,7 +96,8 @@ class MemoryStore:
                 assert current is not None
                 rec = machine.completed(current, result, ttl, now)
                 self._records[key] = rec
-                self._changed_now()
+                if self._waiting:
+                    self._changed.notify_all()
                 return rec
             return machine.after_failed_complete(current, key, fence, now)
 
