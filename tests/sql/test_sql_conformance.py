@@ -27,8 +27,12 @@ class TestSQLStore(StoreSuite):
 
 class TestAsyncSQLStore(AsyncStoreSuite):
     @pytest.fixture
-    async def astore(self, db_url: str) -> AsyncIterator[Any]:
+    async def astore(self, db: str, db_url: str) -> AsyncIterator[Any]:
         store = open_async_store(db_url)
+        # psycopg 3 (PostgreSQL's default async driver) runs on the driver's connections.
+        assert store.fast_path is (db == "postgresql")
+        watch = PoolWatch(store.engine.sync_engine)
         yield store
-        assert store.engine.sync_engine.pool.checkedout() == 0, "a connection leaked"
+        assert store.engine.sync_engine.pool.checkedout() == store.idle_connections, "a leak"
         await store.close()
+        assert watch.out == 0, "close() kept a connection"

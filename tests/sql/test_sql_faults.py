@@ -1,11 +1,11 @@
 """The server kills our connection mid-run (PostgreSQL ``pg_terminate_backend``, MariaDB
 ``KILL``): the next call reconnects or raises StoreUnavailable; no result reported completed
-is lost, and no key is executed twice."""
+is lost, and no key is executed twice. On PostgreSQL the async store too."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from idem_core.errors import StoreUnavailable
 from idem_core.record import ClaimRequest, Status
-from idem_core.registry import open_store
+from idem_core.registry import open_async_store, open_store
 
 T = TypeVar("T")
 KEYS = 120
@@ -110,3 +110,73 @@ def test_killed_connection_reconnects_without_loss_or_duplicates(
         assert all(exc.__cause__ is not None for exc in errors)
     finally:
         assert_no_leak(store, watch)
+
+
+async def aretrying(call: Callable[[], Awaitable[T]], errors: list[StoreUnavailable]) -> T:
+    for _ in range(5):
+        try:
+            return await call()
+        except StoreUnavailable as exc:
+            errors.append(exc)
+    raise AssertionError(f"the store never came back: {errors[-1]}")
+
+
+async def akill_store_connection(store: Any, admin: Engine) -> int:
+    async with store.dbapi_connection() as conn:
+        cursor = await conn.execute("SELECT pg_backend_pid()")
+        pid = int((await cursor.fetchone())[0])
+    with admin.connect() as conn:
+        conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    return pid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)  # psycopg 3's fast path
+async def test_async_killed_connection_reconnects_without_loss_or_duplicates(
+    server: tuple[str, Engine], db_url: str
+) -> None:
+    """The same on the async store's psycopg fast path (PostgreSQL)."""
+    _, admin = server
+    store = open_async_store(db_url + "&pool_size=1&max_overflow=0")
+    assert store.fast_path
+    watch = PoolWatch(store.engine.sync_engine)
+    await store.setup()
+    run = uuid.uuid4().hex[:8]
+    executions: dict[str, int] = {}
+    completed: dict[str, bytes] = {}
+    errors: list[StoreUnavailable] = []
+    killed: set[int] = set()
+    try:
+        for i in range(KEYS):
+            key = f"afault-{run}-{i}"
+            if i in KILL_AT:
+                killed.add(await akill_store_connection(store, admin))
+            for _delivery in range(2):  # every key is delivered twice
+                req = ClaimRequest(
+                    key=key, fingerprint="fp", attempt=uuid.uuid4().hex, lease=30, ttl=600
+                )
+                res = await aretrying(lambda r=req: store.claim(r), errors)
+                if not res.outcome.acquired:
+                    continue
+                executions[key] = executions.get(key, 0) + 1
+                if i + 1 in KILL_AT:
+                    killed.add(await akill_store_connection(store, admin))
+                fence = res.fence
+                record = await aretrying(
+                    lambda k=key, f=fence: store.complete(k, f, k.encode(), 600), errors
+                )
+                assert record.status is Status.COMPLETED
+                completed[key] = record.result or b""
+        assert len(killed) >= len(KILL_AT)
+        assert await akill_store_connection(store, admin) not in killed
+        assert set(executions) == {f"afault-{run}-{i}" for i in range(KEYS)}
+        assert set(executions.values()) == {1}, "a key was executed twice"
+        for key, result in completed.items():
+            record = await aretrying(lambda k=key: store.get(k), errors)
+            assert record is not None and record.status is Status.COMPLETED, key
+            assert record.result == result
+        assert all(exc.__cause__ is not None for exc in errors)
+    finally:
+        assert store.engine.sync_engine.pool.checkedout() == store.idle_connections
+        await store.close()
+        assert watch.out == 0, "close() kept a connection"
