@@ -227,3 +227,33 @@ def test_forked_child_leaves_the_parents_connections_alone(pg_url: str) -> None:
         await store.close()
 
     asyncio.run(parent_after())
+
+
+async def test_pool_recycle_still_replaces_old_connections(pg_url: str) -> None:
+    store = open_async_store(pg_url + "&pool_recycle=1")
+    try:
+        await store.setup()
+        first = await backend_pid(store)
+        await asyncio.sleep(1.2)
+        assert (await store.claim(req(f"old-{uuid.uuid4().hex}"))).outcome is ClaimOutcome.CLAIMED
+        assert await backend_pid(store) != first
+    finally:
+        await store.close()
+
+
+async def test_the_callers_connection_keeps_sqlalchemys_path(base_url: str, pg_url: str) -> None:
+    engine = create_async_engine(base_url)
+    try:
+        async with engine.connect() as conn:
+            store = open_async_store(pg_url, client=conn)
+            assert not store.fast_path
+            await store.setup()
+            key = f"bound-{uuid.uuid4().hex}"
+            transaction = await conn.begin()
+            bound = store.bind(conn)
+            assert not bound.fast_path
+            assert (await bound.claim(req(key))).outcome is ClaimOutcome.CLAIMED
+            await transaction.rollback()  # the claim was the caller's transaction's
+            assert await store.get(key) is None
+    finally:
+        await engine.dispose()
