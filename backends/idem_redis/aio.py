@@ -23,35 +23,6 @@ _RECHECK = 1.0
 _SUBSCRIBED = {"subscribe", b"subscribe", "ssubscribe", b"ssubscribe"}
 
 
-def build_client(config: Config) -> Any:
-    """A ``redis.asyncio`` client for ``config``, with bounded timeouts and retries."""
-    import redis.asyncio as aredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff
-
-    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), config.retries)
-    kwargs = common.timeouts(config)
-    if config.kind == "standalone":
-        return aredis.Redis.from_url(config.url, retry=retry, **kwargs)
-    if config.kind == "cluster":
-        from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],
-            retry=retry,
-            **{**config.kwargs, **kwargs},
-        )
-    from redis.asyncio.sentinel import Sentinel
-
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(config.nodes),
-        sentinel_kwargs={**config.sentinel_kwargs, **common.timeouts(config)},
-        retry=retry,
-        **{**config.kwargs, **kwargs},
-    )
-    return sentinel.master_for(config.service)
-
-
 class AsyncRedisStore:
     """The asyncio twin of :class:`~idem_redis.sync.RedisStore`.
 
@@ -68,7 +39,7 @@ class AsyncRedisStore:
         self.config = config
         self._owned = client is None
         if client is None:
-            client = build_client(config)
+            client = common.build_client(config, aio=True)
         else:
             import redis.asyncio as aredis
 
@@ -100,7 +71,7 @@ class AsyncRedisStore:
             # The parent's sockets and event loop are not ours: start afresh, and leave the
             # old client alone (closing it could disturb the parent's connections).
             self._pid = os.getpid()
-            self._client = build_client(self.config)
+            self._client = common.build_client(self.config, aio=True)
             self._loaded = not self.cluster
             self._loading = None
         return self._client

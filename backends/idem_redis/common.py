@@ -338,6 +338,37 @@ def check_wait(acked: Any, config: Config, key: str) -> None:
         )
 
 
+def build_client(config: Config, *, aio: bool) -> Any:
+    """A redis-py client (``redis.asyncio`` when ``aio``) for ``config``, with bounded
+    timeouts and retries."""
+    import importlib
+
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    package = "redis.asyncio" if aio else "redis"
+    client = importlib.import_module(package)
+    retry = importlib.import_module(f"{package}.retry").Retry(
+        ExponentialWithJitterBackoff(base=0.01, cap=0.1), config.retries
+    )
+    kwargs = timeouts(config)
+    if config.kind == "standalone":
+        return client.Redis.from_url(config.url, retry=retry, **kwargs)
+    if config.kind == "cluster":
+        cluster = importlib.import_module(f"{package}.cluster")
+        return cluster.RedisCluster(
+            startup_nodes=[cluster.ClusterNode(h, p) for h, p in config.nodes],
+            retry=retry,
+            **{**config.kwargs, **kwargs},
+        )
+    sentinel = importlib.import_module(f"{package}.sentinel").Sentinel(
+        list(config.nodes),
+        sentinel_kwargs={**config.sentinel_kwargs, **timeouts(config)},
+        retry=retry,
+        **{**config.kwargs, **kwargs},
+    )
+    return sentinel.master_for(config.service)
+
+
 def is_noscript(exc: BaseException) -> bool:
     from redis.exceptions import NoScriptError, ResponseError
 

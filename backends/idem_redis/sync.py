@@ -22,35 +22,6 @@ _POLL_MAX = 0.5
 _RECHECK = 1.0
 
 
-def build_client(config: Config) -> Any:
-    """A redis-py client for ``config``, with bounded timeouts and retries."""
-    import redis
-    from redis.backoff import ExponentialWithJitterBackoff
-    from redis.retry import Retry
-
-    retry = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), config.retries)
-    kwargs = common.timeouts(config)
-    if config.kind == "standalone":
-        return redis.Redis.from_url(config.url, retry=retry, **kwargs)
-    if config.kind == "cluster":
-        from redis.cluster import ClusterNode, RedisCluster
-
-        return RedisCluster(
-            startup_nodes=[ClusterNode(h, p) for h, p in config.nodes],  # type: ignore[no-untyped-call]
-            retry=retry,
-            **{**config.kwargs, **kwargs},
-        )
-    from redis.sentinel import Sentinel
-
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(config.nodes),
-        sentinel_kwargs={**config.sentinel_kwargs, **common.timeouts(config)},
-        retry=retry,
-        **{**config.kwargs, **kwargs},
-    )
-    return sentinel.master_for(config.service)  # type: ignore[no-untyped-call]
-
-
 def is_cluster(client: Any) -> bool:
     from redis.cluster import RedisCluster
 
@@ -67,7 +38,7 @@ class RedisStore:
         self.config = config
         self._owned = client is None
         if client is None:
-            client = build_client(config)
+            client = common.build_client(config, aio=False)
         else:
             import redis
 

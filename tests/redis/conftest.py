@@ -21,15 +21,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from redis_servers import RedisCluster, RedisServer, redis_binaries
+from redis_servers import RedisCluster, RedisServer, redis_binaries, with_params
 from support import port_open, server_missing
 
 RUN = uuid.uuid4().hex[:12]
-
-
-def with_params(url: str, **params: object) -> str:
-    sep = "&" if "?" in url else "?"
-    return url + sep + "&".join(f"{k}={v}" for k, v in params.items())
 
 
 @pytest.fixture(scope="session")

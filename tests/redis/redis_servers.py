@@ -203,3 +203,9 @@ def started(server: RedisServer | RedisCluster) -> Iterator[None]:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def with_params(url: str, **params: object) -> str:
+    """``url`` with query parameters added."""
+    sep = "&" if "?" in url else "?"
+    return url + sep + "&".join(f"{k}={v}" for k, v in params.items())

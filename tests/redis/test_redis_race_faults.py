@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import with_params
-from redis_servers import RedisServer
+from redis_servers import RedisServer, with_params
 
 from idem_core import ClaimOutcome, ClaimRequest, Status
 from idem_core.errors import StoreUnavailable

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import with_params
 from idem_redis.common import parse
 from idem_redis.scripts import vars_of
-from redis_servers import RedisCluster, RedisServer
+from redis_servers import RedisCluster, RedisServer, with_params
 
 from idem_core import ClaimOutcome, ClaimRequest, CorruptRecord
 from idem_core.errors import ConfigurationError, StoreUnavailable
