@@ -338,6 +338,14 @@ def check_wait(acked: Any, config: Config, key: str) -> None:
         )
 
 
+def refuse_with_items(with_items: Sequence[Any] | None) -> None:
+    if with_items:
+        raise ConfigurationError(
+            "Redis cannot commit with_items atomically with a result; write them yourself "
+            "before completing"
+        )
+
+
 def build_client(config: Config, *, aio: bool) -> Any:
     """A redis-py client (``redis.asyncio`` when ``aio``) for ``config``, with bounded
     timeouts and retries."""

@@ -217,11 +217,7 @@ class RedisStore:
         *,
         with_items: Sequence[Any] | None = None,
     ) -> Record:
-        if with_items:
-            raise ConfigurationError(
-                "Redis cannot commit with_items atomically with a result; write them yourself "
-                "before completing"
-            )
+        common.refuse_with_items(with_items)
         with translate("complete"):
             reply = self._run_and_wait(
                 self.scripts.complete, self._k(key), str(fence), result, micros(ttl)
