@@ -289,8 +289,6 @@ class AsyncRedisStore:
         Subscribe (and wait for the confirmation) first, then re-read, so a change in
         between is never missed; without pub/sub, poll with backoff.
         """
-        from redis.exceptions import RedisError
-
         deadline = time.monotonic() + timeout
         pubsub = await self._subscribe(self._k(key), deadline)
         delay = _POLL_MIN
@@ -308,7 +306,7 @@ class AsyncRedisStore:
                 if pubsub is not None:
                     try:
                         await self._next(pubsub, pause)
-                    except (RedisError, OSError):
+                    except common.transient():
                         await self._unsubscribe(pubsub)
                         pubsub = None
                 else:
@@ -319,8 +317,6 @@ class AsyncRedisStore:
                 await self._unsubscribe(pubsub)
 
     async def _subscribe(self, channel: str, deadline: float) -> Any:
-        from redis.exceptions import RedisError
-
         pubsub: Any = None
         try:
             pubsub = self.client.pubsub()
@@ -333,7 +329,7 @@ class AsyncRedisStore:
                 message = await self._next(pubsub, wait)
                 if message is not None and message.get("type") in _SUBSCRIBED:
                     return pubsub
-        except (RedisError, OSError):
+        except common.transient():
             pass
         if pubsub is not None:
             await self._unsubscribe(pubsub)
@@ -346,9 +342,7 @@ class AsyncRedisStore:
 
     @staticmethod
     async def _unsubscribe(pubsub: Any) -> None:
-        from redis.exceptions import RedisError
-
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*common.transient()):
             await pubsub.aclose()
 
     async def diagnostics(self) -> dict[str, object]:

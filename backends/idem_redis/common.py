@@ -202,10 +202,22 @@ def timeouts(config: Config) -> dict[str, Any]:
     return kwargs
 
 
+def transient() -> tuple[type[BaseException], ...]:
+    """Every error a Redis client raises when the server or the path to it fails.
+
+    ``RedisClusterException`` is not a ``RedisError``: redis-py raises it when no node of a
+    Cluster answers (all down, or every slot lookup timed out), on an open client as at first
+    use. Every ``except`` in the two stores that means "the server failed" uses this tuple.
+    """
+    from redis.exceptions import RedisClusterException, RedisError
+
+    return (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
 @contextlib.contextmanager
 def translate(what: str) -> Iterator[None]:
     """Driver errors become the core's errors, with the driver's error as ``__cause__``."""
-    from redis.exceptions import RedisError, ResponseError
+    from redis.exceptions import ResponseError
 
     try:
         yield
@@ -214,7 +226,7 @@ def translate(what: str) -> Iterator[None]:
         if text.startswith(("IDEMCORRUPT", "WRONGTYPE")):
             raise CorruptRecord(f"{what}: {text}") from exc
         raise StoreUnavailable(f"{what}: Redis answered {text}") from exc
-    except (RedisError, OSError, TimeoutError) as exc:
+    except transient() as exc:
         raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
 
 

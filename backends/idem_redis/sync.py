@@ -263,8 +263,6 @@ class RedisStore:
         delete), waits for the subscription to be confirmed, then re-reads, so a change
         between the read and the wait is never missed. Without pub/sub it polls.
         """
-        from redis.exceptions import RedisError
-
         deadline = time.monotonic() + timeout
         pubsub = self._subscribe(self._k(key), deadline)
         delay = _POLL_MIN
@@ -282,7 +280,7 @@ class RedisStore:
                 if pubsub is not None:
                     try:
                         self._next(pubsub, pause)
-                    except (RedisError, OSError):
+                    except common.transient():
                         self._unsubscribe(pubsub)
                         pubsub = None
                 else:
@@ -293,8 +291,6 @@ class RedisStore:
                 self._unsubscribe(pubsub)
 
     def _subscribe(self, channel: str, deadline: float) -> Any:
-        from redis.exceptions import RedisError
-
         pubsub: Any = None
         try:
             pubsub = self.client.pubsub()
@@ -311,7 +307,7 @@ class RedisStore:
                     b"ssubscribe",
                 }:
                     return pubsub
-        except (RedisError, OSError):
+        except common.transient():
             pass
         if pubsub is not None:
             self._unsubscribe(pubsub)
@@ -324,9 +320,7 @@ class RedisStore:
 
     @staticmethod
     def _unsubscribe(pubsub: Any) -> None:
-        from redis.exceptions import RedisError
-
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*common.transient()):
             pubsub.close()
 
     def diagnostics(self) -> dict[str, object]:
