@@ -32,7 +32,8 @@ tracebacks point at the Markdown lines themselves.
   fence with the same name appends), so later fences can ``import`` it or run it. Written files
   named ``test_*.py`` are run with pytest in a subprocess once the page's fences have run, and
   must pass. ``<!-- docs-test: files-from=OTHER.md -->`` (a path relative to the page) first
-  writes the ``file=`` fences of another page, e.g. a handler that a testing page tests.
+  writes the ``file=`` fences of another page (except its ``test_*.py``), e.g. a handler that
+  a testing page tests.
 - **Opting out** (rare: pseudo-code, a fragment of a bigger file): ``<!-- docs-test: skip
   (reason) -->`` right before the fence. Skipped fences are counted and reported; keep
   ``MAX_SKIPS`` at the number there really are (today: none). Non-Python examples (shell, TOML,
@@ -72,8 +73,8 @@ def run_page(page: Page, workdir: Path) -> list[Fence]:
     written: list[Path] = []
     for other in page.files_from:
         for fence in parse(other).fences:
-            if fence.file:
-                _write(workdir / fence.file, fence, written)
+            if fence.file and not fence.file.startswith("test_"):  # that page runs its tests
+                _write(workdir / fence.file, fence, [])
     name = f"docs_example_{uuid.uuid4().hex[:8]}"
     module = types.ModuleType(name)
     module.__file__ = str(workdir / f"{name}.py")
@@ -84,12 +85,12 @@ def run_page(page: Page, workdir: Path) -> list[Fence]:
             if fence.skip is not None:
                 skipped.append(fence)
                 continue
-            if fence.file is not None:
-                _write(workdir / fence.file, fence, written)
-                continue
-            # Padding keeps the Markdown's line numbers, so tracebacks quote the page itself.
-            code = compile("\n" * (fence.line - 1) + fence.code, str(fence.page), "exec")
             try:
+                # Padding keeps the Markdown's line numbers: tracebacks quote the page itself.
+                code = compile("\n" * (fence.line - 1) + fence.code, str(fence.page), "exec")
+                if fence.file is not None:  # checked for syntax; run when imported or tested
+                    _write(workdir / fence.file, fence, written)
+                    continue
                 exec(code, module.__dict__)
             except BaseException as exc:
                 if isinstance(exc, KeyboardInterrupt):
