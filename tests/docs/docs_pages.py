@@ -37,6 +37,8 @@ class Fence:
     skip: str | None = None
     #: ``file=NAME``: the fence is that file's content, written to the working directory
     file: str | None = None
+    #: False for another language's fence, collected only for its ``file=``
+    python: bool = True
 
     @property
     def where(self) -> str:
@@ -119,8 +121,9 @@ def parse(path: Path, text: str | None = None) -> Page:
                 break
             body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
             j += 1
-        if info in ("python", "py", "python3"):
-            options = dict(pending)
+        options = dict(pending)
+        python = info in ("python", "py", "python3")
+        if python or (options and set(options) == {"file"}):
             fences.append(
                 Fence(
                     path,
@@ -128,10 +131,11 @@ def parse(path: Path, text: str | None = None) -> Page:
                     textwrap.dedent("\n".join(body)) + "\n",
                     skip=options.get("skip"),
                     file=options.get("file"),
+                    python=python,
                 )
             )
         elif pending:
-            raise MarkerError(f"{where}: docs-test markers apply to ```python fences only")
+            raise MarkerError(f"{where}: only `file=` applies to a fence that is not ```python")
         pending = []
         i = j + 1
     if pending:

@@ -29,7 +29,8 @@ tracebacks point at the Markdown lines themselves.
   page loudly, and fails it under ``CI=true``.
 - **Files.** ``<!-- docs-test: file=NAME -->`` right before a fence (blank lines allowed in
   between) writes the fence to ``NAME`` in the working directory instead of running it (a second
-  fence with the same name appends), so later fences can ``import`` it or run it. Written files
+  fence with the same name appends), so later fences can ``import`` it or run it; it also works
+  on a fence of another language (a ``pyproject.toml`` for the tests, say). Written files
   named ``test_*.py`` are run with pytest in a subprocess once the page's fences have run, and
   must pass. ``<!-- docs-test: files-from=OTHER.md -->`` (a path relative to the page) first
   writes the ``file=`` fences of another page (except its ``test_*.py``), e.g. a handler that
@@ -84,6 +85,9 @@ def run_page(page: Page, workdir: Path) -> list[Fence]:
         for fence in page.fences:
             if fence.skip is not None:
                 skipped.append(fence)
+                continue
+            if not fence.python:
+                _write(workdir / str(fence.file), fence, written)
                 continue
             try:
                 # Padding keeps the Markdown's line numbers: tracebacks quote the page itself.
@@ -182,7 +186,7 @@ def test_every_page_with_code_is_collected() -> None:
     names = {page.name for page in RUNNABLE}
     assert "README.md" in names
     assert "docs/usage.md" in names
-    assert sum(len(page.fences) for page in PAGES) >= 25
+    assert sum(f.python for page in PAGES for f in page.fences) >= 25
 
 
 # -- the collector itself ----------------------------------------------------------------------
@@ -214,13 +218,15 @@ def test_fences_share_one_namespace_and_markers_apply(tmp_path: Path, workdir: P
         "<!-- docs-test: skip (pseudo-code) -->\n"
         "```python\nthis is not python\n```\n"
         "```sh\nnot python either\n```\n"
+        "<!-- docs-test: file=notes.txt -->\n```text\nkept as a file\n```\n"
         "```python\nimport helper\nassert json.loads(str(helper.VALUE + 1)) == 42\n```\n"
     )
     page = _fake_page(tmp_path, text)
     assert page.servers == ["redis"]
-    assert [f.skip for f in page.fences] == [None, None, "pseudo-code", None]
+    assert [f.skip for f in page.fences] == [None, None, "pseudo-code", None, None]
     skipped = run_page(page, workdir)
     assert [f.line for f in skipped] == [12]
+    assert (workdir / "notes.txt").read_text() == "kept as a file\n"
     assert "helper" not in sys.modules  # the page's own modules are forgotten afterwards
 
 
@@ -231,6 +237,7 @@ def test_fences_share_one_namespace_and_markers_apply(tmp_path: Path, workdir: P
         "<!-- docs-test: server=oracle -->\n",
         "<!-- docs-test: serverr=redis -->\n",
         "<!-- docs-test: file=a.py -->\nprose\n```python\nx\n```\n",
+        "<!-- docs-test: skip (shell) -->\n```sh\nls\n```\n",
     ],
 )
 def test_bad_markers_are_refused(tmp_path: Path, text: str) -> None:
