@@ -18,7 +18,7 @@ from support import port_open, server_missing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dynamodb"))
 
-from ddb_servers import FAKE_ENV, ROOT, Server, start, stop, wait  # noqa: E402
+from ddb_servers import FAKE_ENV, ROOT, Server, start, stop, wait
 
 #: name -> (host, port) of the machine's servers (see scripts/services.sh)
 MACHINE_SERVERS = {
@@ -46,7 +46,7 @@ def docs_dynamodb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
 
 
 @pytest.fixture
-def docs_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+def docs_servers(request: pytest.FixtureRequest) -> dict[str, str]:
     """The environment for the servers ``request.param`` names; skips (fails under CI) when
     one is not reachable."""
     env: dict[str, str] = {}
@@ -57,4 +57,4 @@ def docs_servers(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
         host, port = MACHINE_SERVERS[name]
         if not port_open(host, port):
             server_missing(name, f"nothing listens on {host}:{port}")
-    yield env
+    return env

@@ -49,7 +49,6 @@ import traceback
 import types
 import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -152,10 +151,10 @@ def _pytest(page: Page, workdir: Path, tests: list[Path]) -> None:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("IDEM_URL", "memory://")
-    yield tmp_path
+    return tmp_path
 
 
 @pytest.mark.parametrize(
