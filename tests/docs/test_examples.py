@@ -124,7 +124,10 @@ def _close_leftovers(module: types.ModuleType) -> None:
 
     for value in list(vars(module).values()):
         if isinstance(value, Idempotency):
-            value.close()
+            try:
+                value.close()
+            except Exception as exc:  # e.g. closed twice: the page's own close() came first
+                warnings.warn(f"closing {value!r} after the page: {exc!r}", stacklevel=1)
 
 
 def _write(path: Path, fence: Fence, written: list[Path]) -> None:
