@@ -116,9 +116,21 @@ def encode_key(head: str, namespace: str, raw: object, max_length: int) -> str:
 
 def full_key(namespace: str, scope: str, raw: object, max_length: int) -> str:
     """The stored key for (namespace, scope, raw): see the module's docstring."""
-    # A multi-part key without a scope must not read as (scope, key): ``ns::a:b``.
-    multi = not scope and isinstance(raw, tuple | list) and len(raw) > 1
-    return encode_key(prefix(namespace, scope, multi), namespace, raw, max_length)
+    if ":" in namespace or "\\" in namespace:
+        namespace_part = _escape(namespace)
+    else:
+        namespace_part = namespace  # always, from Idempotency: its namespace has neither
+    if scope:
+        if ":" in scope or "\\" in scope:
+            scope = _escape(scope)
+        head = f"{namespace_part}:{scope}:"
+    elif type(raw) is str:
+        head = namespace_part + ":"
+    else:
+        # A multi-part key without a scope must not read as (scope, key): ``ns::a:b``.
+        multi = isinstance(raw, tuple | list) and len(raw) > 1
+        head = namespace_part + ("::" if multi else ":")
+    return encode_key(head, namespace, raw, max_length)
 
 
 def fingerprint(payload: Any) -> str:
