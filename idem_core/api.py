@@ -405,9 +405,11 @@ class Idempotency:
     ) -> Any:
         """Make ``fn`` run once per key; duplicates get the stored result.
 
-        ``key``: an argument name, several names (joined with ``:``), or a callable over the
-        arguments returning a string. ``payload``: argument names or a callable whose value is
-        fingerprinted (default: every argument). ``result_type``: the type replays decode to
+        ``key``: an argument name, several names (a multi-part key, each part encoded so
+        ``("a:b", "c")`` and ``("a", "b:c")`` differ: see :mod:`idem_core.keys`), or a callable
+        over the arguments returning a string or a tuple of strings. ``payload``: argument names
+        or a callable whose value is fingerprinted (default: every argument but a first
+        ``self``/``cls``, in parameter order). ``result_type``: the type replays decode to
         (default: the return annotation). ``connection``: the argument name (or a callable over
         the arguments) of a database connection whose transaction the record joins.
         """

@@ -116,10 +116,8 @@ def encode_key(head: str, namespace: str, raw: object, max_length: int) -> str:
 
 def full_key(namespace: str, scope: str, raw: object, max_length: int) -> str:
     """The stored key for (namespace, scope, raw): see the module's docstring."""
-    if ":" in namespace or "\\" in namespace:
-        namespace_part = _escape(namespace)
-    else:
-        namespace_part = namespace  # always, from Idempotency: its namespace has neither
+    # Idempotency's namespace never holds ':' or '\\': it is used as it is.
+    namespace_part = _escape(namespace) if ":" in namespace or "\\" in namespace else namespace
     if scope:
         if ":" in scope or "\\" in scope:
             scope = _escape(scope)
