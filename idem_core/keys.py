@@ -81,11 +81,12 @@ def encode_key(head: str, namespace: str, raw: object, max_length: int) -> str:
     if type(raw) is str and raw:
         key = head + raw if ":" not in raw and "\\" not in raw else head + _escape(raw)
     elif isinstance(raw, tuple | list) and raw:
-        if not all(type(p) is str and p for p in raw):
+        if not all(isinstance(p, str) and p for p in raw):
             raise _bad_key(raw)
-        key = head + ":".join(_escape(p) for p in raw)
-    elif isinstance(raw, str) and raw:  # a str subclass: its text, not its type, is the key
-        key = head + _escape(str(raw))
+        # str.__str__: a str subclass (a StrEnum member, say) counts by its text, not its repr
+        key = head + ":".join(_escape(str.__str__(p)) for p in raw)
+    elif isinstance(raw, str) and raw:
+        key = head + _escape(str.__str__(raw))
     else:
         raise _bad_key(raw)
     if key.isascii():  # O(1) in CPython: most keys skip the encoding below

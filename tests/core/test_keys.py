@@ -250,3 +250,13 @@ def test_consumer_name_and_dedup_id_never_meet(idem: Idempotency) -> None:
     with idem.claim("a#b#c") as call:  # nor a plain key that reads the same
         assert not call.replayed
         call.release()
+
+
+def test_str_subclasses_count_by_their_text(idem: Idempotency) -> None:
+    import enum
+
+    class Region(str, enum.Enum):  # noqa: UP042  (str() of this one is "Region.EU")
+        EU = "eu"
+
+    assert idem.key_for(Region.EU) == idem.key_for("eu")
+    assert idem.key_for(("acme", Region.EU), scope="s") == idem.key_for(("acme", "eu"), scope="s")
