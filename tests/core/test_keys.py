@@ -260,3 +260,19 @@ def test_str_subclasses_count_by_their_text(idem: Idempotency) -> None:
 
     assert idem.key_for(Region.EU) == idem.key_for("eu")
     assert idem.key_for(("acme", Region.EU), scope="s") == idem.key_for(("acme", "eu"), scope="s")
+
+
+def test_lambda_handler_name_and_event_key_never_meet(idem: Idempotency) -> None:
+    runs: list[str] = []
+
+    def handler(event: dict[str, str], context: object) -> str:
+        runs.append(event["id"])
+        return event["id"]
+
+    # Before: both stored as "shop:a#b#c".
+    first = idem.lambda_handler(handler, event_key="id", name="a#b")
+    second = idem.lambda_handler(handler, event_key="id", name="a")
+    assert first({"id": "c"}, None) == "c"
+    assert second({"id": "b#c"}, None) == "b#c"
+    assert first({"id": "c"}, None) == "c"
+    assert runs == ["c", "b#c"]
