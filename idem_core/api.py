@@ -14,11 +14,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
 
+from . import validate
+from .arguments import Binder, extractor
 from .call import AsyncCall, Call, Options
 from .codec import ResultCodec
-from .errors import ConfigurationError, KeyMissing, StoreUnavailable
+from .errors import ConfigurationError, StoreUnavailable
 from .events import Emitter, EventHook, EventKind
-from .keys import fingerprint, full_key
+from .keys import RawKey, encode_key, fingerprint, full_key, prefix
 from .record import MICROS, ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .registry import open_async_store, open_store
 from .store import AsyncStore, Store
@@ -32,7 +34,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-KeySpec = str | Sequence[str] | Callable[..., str]
+KeySpec = str | Sequence[str] | Callable[..., RawKey]
 PayloadSpec = Sequence[str] | Callable[..., Any] | None
 
 _attempts = itertools.count()
@@ -105,16 +107,23 @@ class Idempotency:
     ) -> None:
         if store is None and astore is None and url is None:
             raise ConfigurationError("give a store, an astore or a url")
-        if on_store_error not in ("fail", "fail_open"):
-            raise ConfigurationError("on_store_error must be 'fail' or 'fail_open'")
-        if not namespace or ":" in namespace:
-            raise ConfigurationError("namespace must be a non-empty string without ':'")
+        if url is not None and (not isinstance(url, str) or not url):
+            raise ConfigurationError(f"url must be a non-empty string, got {url!r}")
+        if store_options is not None and not isinstance(store_options, dict):
+            raise ConfigurationError(f"store_options must be a dict, got {store_options!r}")
+        if instrument is not None and not callable(instrument):
+            raise ConfigurationError(f"instrument must be a callable, got {instrument!r}")
+        validate.choice("on_store_error", on_store_error, ("fail", "fail_open"))
+        # ':' and '\\' are kept out so a namespace is its own readable prefix of every key.
+        validate.text("namespace", namespace, forbidden=":\\", maximum=validate.MAX_NAMESPACE)
         self.url = url
         self.namespace = namespace
-        self.ttl = ttl
-        self.lease = lease
+        self.ttl = validate.seconds("ttl", ttl)
+        self.lease = validate.seconds("lease", lease)
         self.on_store_error = on_store_error
-        self.retries = retries
+        self.retries = validate.count("retries", retries, validate.MAX_RETRIES)
+        local_cache = validate.count("local_cache", local_cache)
+        hooks: list[EventHook] = validate.hooks("on_event", on_event)
         self._client = client
         self._store_options = store_options or {}
         #: applied to every store this object uses (e.g. metrics around each operation)
@@ -125,11 +134,6 @@ class Idempotency:
         self._aowned: list[AsyncStore] = []
         self._gen = self._agen = _generation[0]
         self._lock = threading.Lock()
-        hooks: list[EventHook] = []
-        if callable(on_event):
-            hooks.append(on_event)
-        elif on_event:
-            hooks.extend(on_event)
         self._emit = Emitter(namespace, hooks)
         self._cache: _LocalCache | None = _LocalCache(local_cache) if local_cache else None
 
@@ -145,11 +149,16 @@ class Idempotency:
         """Open stores for ``url`` lazily; ``settings`` are this class's keyword arguments."""
         from .registry import backend_for
 
+        if not isinstance(url, str) or not url:
+            raise ConfigurationError(f"url must be a non-empty string, got {url!r}")
+        validate.known("from_url", settings, _SETTINGS)
         backend_for(url)  # fail fast on an unknown scheme or a missing extra
         return cls(url=url, client=client, store_options=store_options, **settings)
 
     @classmethod
     def from_env(cls, var: str = "IDEM_URL", **settings: Any) -> Idempotency:
+        validate.text("var", var)
+        validate.known("from_env", settings, (*_SETTINGS, "client", "store_options"))
         url = os.environ.get(var)
         if not url:
             raise ConfigurationError(f"set {var} to a store URL, e.g. {var}=memory://")
@@ -223,17 +232,19 @@ class Idempotency:
     # -- keys -----------------------------------------------------------------------------
 
     def key_for(self, raw: object, scope: str = "", max_length: int | None = None) -> str:
-        """The stored key for a raw idempotency key."""
+        """The stored key for a raw idempotency key (a string, or a tuple of strings)."""
         if max_length is None:
             store = self._store if self._store is not None else self._astore
             max_length = store.max_key_length if store is not None else 255
-        return full_key(self.namespace, scope, raw, max_length)
+        elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 80:
+            raise ConfigurationError(f"max_length must be an int >= 80, got {max_length!r}")
+        return full_key(self.namespace, _scope(scope), raw, max_length)
 
     def _request(
         self, raw_key: object, payload: Any, lease: float, ttl: float, scope: str, limit: int
     ) -> ClaimRequest:
         return ClaimRequest(
-            full_key(self.namespace, scope, raw_key, limit),
+            full_key(self.namespace, _scope(scope), raw_key, limit),
             fingerprint(payload),
             _attempt_id(),
             lease,
@@ -277,10 +288,13 @@ class Idempotency:
     # -- context managers ---------------------------------------------------------------
 
     def _options(self, settings: CallSettings, function: str | None = None) -> Options:
+        validate.known("claim", settings, CallSettings.__annotations__)
         cache_errors = settings.get("cache_errors", ())
+        ttl, lease = settings.get("ttl"), settings.get("lease")
         return Options(
-            ttl=settings.get("ttl") or self.ttl,
-            lease=settings.get("lease") or self.lease,
+            # None means the object's own; 0 is refused by Options, not read as the default
+            ttl=self.ttl if ttl is None else ttl,
+            lease=self.lease if lease is None else lease,
             codec=ResultCodec(settings.get("result_type", Any), cache_errors),
             on_in_progress=settings.get("on_in_progress", "raise"),
             wait_timeout=settings.get("wait_timeout", 10.0),
@@ -292,7 +306,7 @@ class Idempotency:
     def _batch(
         self,
         store: Store | AsyncStore,
-        items: Sequence[tuple[str, Any]],
+        items: Sequence[tuple[RawKey, Any]],
         scope: str,
         settings: CallSettings,
     ) -> tuple[list[ClaimRequest], Options]:
@@ -302,7 +316,7 @@ class Idempotency:
 
     def claim(
         self,
-        key: str,
+        key: RawKey,
         *,
         payload: Any = None,
         connection: Any = None,
@@ -322,7 +336,7 @@ class Idempotency:
 
     def aclaim(
         self,
-        key: str,
+        key: RawKey,
         *,
         payload: Any = None,
         connection: Any = None,
@@ -337,7 +351,7 @@ class Idempotency:
 
     def claim_many(
         self,
-        items: Sequence[tuple[str, Any]],
+        items: Sequence[tuple[RawKey, Any]],
         *,
         scope: str = "",
         **settings: Unpack[CallSettings],
@@ -357,7 +371,7 @@ class Idempotency:
 
     async def aclaim_many(
         self,
-        items: Sequence[tuple[str, Any]],
+        items: Sequence[tuple[RawKey, Any]],
         *,
         scope: str = "",
         **settings: Unpack[CallSettings],
@@ -391,9 +405,11 @@ class Idempotency:
     ) -> Any:
         """Make ``fn`` run once per key; duplicates get the stored result.
 
-        ``key``: an argument name, several names (joined with ``:``), or a callable over the
-        arguments returning a string. ``payload``: argument names or a callable whose value is
-        fingerprinted (default: every argument). ``result_type``: the type replays decode to
+        ``key``: an argument name, several names (a multi-part key, each part encoded so
+        ``("a:b", "c")`` and ``("a", "b:c")`` differ: see :mod:`idem_core.keys`), or a callable
+        over the arguments returning a string or a tuple of strings. ``payload``: argument names
+        or a callable whose value is fingerprinted (default: every argument but a first
+        ``self``/``cls``, in parameter order). ``result_type``: the type replays decode to
         (default: the return annotation). ``connection``: the argument name (or a callable over
         the arguments) of a database connection whose transaction the record joins.
         """
@@ -432,9 +448,13 @@ class Idempotency:
         connection: str | Callable[..., Any] | None,
         scope: str | None,
     ) -> Callable[P, R]:
-        bind = _binder(func)
+        if not callable(func):
+            raise ConfigurationError(f"idempotent() decorates a function, got {func!r}")
+        bind = Binder(func)
         if result_type is None:
             result_type = _return_type(func)
+        if scope is not None:
+            validate.text("scope", scope)
         name = scope or f"{func.__module__}.{func.__qualname__}"
         opts = self._options(
             {
@@ -448,30 +468,32 @@ class Idempotency:
             },
             function=name,
         )
-        get_key = _extractor(key, "key", bind.names)
-        get_payload = None if payload is None else _extractor(payload, "payload", bind.names)
-        get_conn = None if connection is None else _extractor(connection, "connection", bind.names)
+        get_key = extractor(key, "key", bind)
+        get_payload = None if payload is None else extractor(payload, "payload", bind)
+        get_conn = None if connection is None else extractor(connection, "connection", bind)
         key_index = bind.index_of(key)
         namespace, lease_s, ttl_s = self.namespace, opts.lease, opts.ttl
-        arity, names, plain = len(bind.names), bind.names, bind.simple
+        head = prefix(namespace, name)  # the encoded "namespace:scope:", built once
+        arity, names, plain, skip = bind.arity, bind.names, bind.simple, bind.skip
 
         def prepare(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> ClaimRequest:
-            # The fingerprint covers every argument in parameter order, however it was passed.
+            # The fingerprint covers every argument (but self/cls) in parameter order, however
+            # it was passed: see idem_core.arguments.
             if plain and not kwargs and len(args) == arity:
-                values = args
                 if key_index is not None:
                     raw = args[key_index]
                 else:
                     raw = get_key(dict(zip(names, args, strict=True)))
-                fp = fingerprint(values if get_payload is None else get_payload(bind(args, {})))
+                if get_payload is not None:
+                    fp = fingerprint(get_payload(dict(zip(names, args, strict=True))))
+                else:
+                    fp = fingerprint(args[skip:] if skip else args)
             else:
                 bound = bind(args, kwargs)
                 raw = get_key(bound)
-                fp = fingerprint(
-                    tuple(bound.values()) if get_payload is None else get_payload(bound)
-                )
+                fp = fingerprint(bind.values(bound) if get_payload is None else get_payload(bound))
             return ClaimRequest(
-                full_key(namespace, name, raw, limit), fp, _attempt_id(), lease_s, ttl_s
+                encode_key(head, namespace, raw, limit), fp, _attempt_id(), lease_s, ttl_s
             )
 
         emit, decode = self._emit, opts.codec.decode
@@ -562,6 +584,20 @@ class Idempotency:
         return IdempotencyMiddleware(app, idem=self, **options)
 
 
+#: the settings ``from_url``/``from_env`` pass on to ``Idempotency(...)``
+_SETTINGS = tuple(
+    name
+    for name in inspect.signature(Idempotency.__init__).parameters
+    if name not in ("self", "url", "client", "store_options")
+)
+
+
+def _scope(scope: object) -> str:
+    if type(scope) is str:
+        return scope
+    raise ConfigurationError(f"scope must be a string, got {scope!r}")
+
+
 def _in_process(url: str) -> bool:
     from .registry import backend_for
 
@@ -587,95 +623,6 @@ def _return_type(func: Callable[..., Any]) -> Any:
         ) from exc
     ret = hints.get("return", Any)
     return Any if ret is type(None) else ret
-
-
-class _Binder:
-    """Maps a call's arguments to parameter names, cheaply for plain signatures."""
-
-    def __init__(self, func: Callable[..., Any]) -> None:
-        sig = inspect.signature(func)
-        self.sig = sig
-        params = list(sig.parameters.values())
-        self.names = [p.name for p in params]
-        simple = all(
-            p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY, p.POSITIONAL_ONLY) for p in params
-        )
-        self.positional = [p.name for p in params if p.kind is not p.KEYWORD_ONLY]
-        self.defaults = {p.name: p.default for p in params if p.default is not p.empty}
-        self.simple = simple and not any(
-            p.kind in (p.POSITIONAL_ONLY, p.KEYWORD_ONLY) for p in params
-        )
-
-    def index_of(self, key: Any) -> int | None:
-        """The position of a single-name key among plain parameters, for the fast path."""
-        if self.simple and isinstance(key, str) and key in self.positional:
-            return self.positional.index(key)
-        return None
-
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if self.simple and len(args) <= len(self.positional):
-            bound = dict(zip(self.positional, args, strict=False))
-            if kwargs:
-                bound.update(kwargs)
-            if len(bound) < len(self.names):
-                for name, default in self.defaults.items():
-                    bound.setdefault(name, default)
-            return bound
-        try:
-            ba = self.sig.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise KeyMissing(f"cannot bind the call's arguments: {exc}") from exc
-        ba.apply_defaults()
-        return dict(ba.arguments)
-
-
-def _binder(func: Callable[..., Any]) -> _Binder:
-    return _Binder(func)
-
-
-def _extractor(
-    spec: str | Sequence[str] | Callable[..., Any], what: str, names: list[str]
-) -> Callable[[dict[str, Any]], Any]:
-    """A function of the bound arguments for a key, payload or connection spec."""
-    if callable(spec):
-        params = list(inspect.signature(spec).parameters)
-
-        def by_callable(bound: dict[str, Any]) -> Any:
-            try:
-                if all(p in bound for p in params):
-                    return spec(**{p: bound[p] for p in params})
-                return spec(*bound.values())
-            except (KeyError, IndexError, TypeError, AttributeError) as exc:
-                if what == "key":
-                    raise KeyMissing(f"the key function failed: {exc!r}") from exc
-                raise
-
-        return by_callable
-    fields = [spec] if isinstance(spec, str) else list(spec)
-    unknown = [f for f in fields if f not in names]
-    if unknown:
-        raise ConfigurationError(f"{what}: no argument named {', '.join(unknown)}")
-    if len(fields) == 1:
-        only = fields[0]
-
-        def one(bound: dict[str, Any]) -> Any:
-            try:
-                return bound[only]
-            except KeyError:
-                raise KeyMissing(f"argument {only!r} is missing") from None
-
-        return one
-    if what == "key":
-
-        def joined(bound: dict[str, Any]) -> str:
-            parts = [bound.get(f) for f in fields]
-            bad = [f for f, v in zip(fields, parts, strict=True) if not isinstance(v, str) or not v]
-            if bad:
-                raise KeyMissing(f"key arguments must be non-empty strings: {', '.join(bad)}")
-            return ":".join(cast(list[str], parts))
-
-        return joined
-    return lambda bound: {f: bound.get(f) for f in fields}
 
 
 class _LocalCache:

@@ -78,21 +78,20 @@ class Options:
         renew_every: float | None = None,
         function: str | None = None,
     ) -> None:
+        from . import validate
         from .errors import ConfigurationError
 
-        if on_in_progress not in ("raise", "wait"):
-            raise ConfigurationError("on_in_progress must be 'raise' or 'wait'")
-        if lease <= 0 or ttl <= 0:
-            raise ConfigurationError("lease and ttl must be positive (seconds)")
-        if renew_every is not None and not 0 < renew_every < lease:
-            raise ConfigurationError("renew_every must be positive and shorter than the lease")
-        self.ttl = ttl
-        self.lease = lease
+        self.on_in_progress = validate.choice("on_in_progress", on_in_progress, ("raise", "wait"))
+        self.ttl = validate.seconds("ttl", ttl)
+        self.lease = validate.seconds("lease", lease)
+        self.wait_timeout = validate.seconds("wait_timeout", wait_timeout)
+        self.renew_every = validate.seconds("renew_every", renew_every, none=True)
+        if renew_every is not None and not renew_every < lease:
+            raise ConfigurationError(
+                f"renew_every must be shorter than the lease ({lease} s), got {renew_every!r}"
+            )
+        self.cache_errors = validate.exception_types("cache_errors", cache_errors)
         self.codec = codec
-        self.on_in_progress = on_in_progress
-        self.wait_timeout = wait_timeout
-        self.cache_errors = cache_errors
-        self.renew_every = renew_every
         self.function = function
 
 

@@ -188,10 +188,11 @@ class IdempotencyMiddleware:
     async def _run(
         self, scope: Scope, receive: Receive, send: Send, key: str, identity: str, body: bytes
     ) -> None:
-        raw = f"http:{identity}:{key}"
+        raw = (identity, key)  # encoded by idem_core.keys: "namespace:http:<identity>:<key>"
         try:
             call = self.idem.aclaim(
                 raw,
+                scope="http",
                 payload=self._fingerprint(scope, body),
                 lease=self.lease,
                 ttl=self.ttl,

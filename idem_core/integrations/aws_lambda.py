@@ -167,7 +167,7 @@ class _Keys:
         # Without payload validation the key's data is the payload: a retry with other fields
         # changed replays, as with Powertools.
         payload = self.payload_key(event) if self.payload_key else data
-        return f"{self.name}#{key_of(data)}", payload
+        return key_of(data), payload  # claimed with scope=self.name: idem_core.keys joins them
 
 
 def lambda_handler(
@@ -223,6 +223,7 @@ def lambda_handler(
             raw, payload = found
             with idem.claim(
                 raw,
+                scope=keys.name,
                 payload=payload,
                 lease=lease or lease_from(context, idem.lease),
                 ttl=ttl,
@@ -335,6 +336,7 @@ def _process_batch(
     if unique:
         claimed = idem.claim_many(
             list(unique.items()),
+            scope=keys.name,
             lease=lease or lease_from(context, idem.lease),
             ttl=ttl,
             result_type=result_type,

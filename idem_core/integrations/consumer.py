@@ -65,6 +65,7 @@ def consumer(
 
         def claim_args(message: Any) -> dict[str, Any]:
             return {
+                "scope": scope,  # idem_core.keys encodes (scope, id): no "#" join to collide
                 "payload": None if payload is None else payload(message),
                 "ttl": ttl,
                 "lease": lease,
@@ -78,7 +79,7 @@ def consumer(
 
             @functools.wraps(func)
             async def awrapper(message: Any, *args: Any, **kwargs: Any) -> Any:
-                raw = f"{scope}#{dedup_id(message)}"
+                raw = dedup_id(message)
                 async with idem.aclaim(raw, **claim_args(message)) as call:
                     if call.replayed:
                         return call.result
@@ -91,7 +92,7 @@ def consumer(
 
         @functools.wraps(func)
         def wrapper(message: Any, *args: Any, **kwargs: Any) -> Any:
-            raw = f"{scope}#{dedup_id(message)}"
+            raw = dedup_id(message)
             with idem.claim(raw, **claim_args(message)) as call:
                 if call.replayed:
                     return call.result

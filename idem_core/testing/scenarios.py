@@ -317,6 +317,60 @@ async def unicode_key(s: Any, advance: Advance, key: str) -> None:
     assert got is not None and got.key == k
 
 
+async def _two_records(s: Any, a: str, b: str) -> None:
+    """``a`` and ``b`` are two keys: each claims and keeps its own result."""
+    first = await s.claim(request(a))
+    assert first.outcome is ClaimOutcome.CLAIMED
+    await s.complete(a, first.fence, b"a", TTL)
+    second = await s.claim(request(b, fingerprint=OTHER))
+    assert second.outcome is ClaimOutcome.CLAIMED, f"{b!r} met the record of {a!r}"
+    await s.complete(b, second.fence, b"b", TTL)
+    got_a, got_b = await s.get(a), await s.get(b)
+    assert got_a is not None and got_a.key == a and got_a.result == b"a"
+    assert got_b is not None and got_b.key == b and got_b.result == b"b"
+
+
+@scenario
+async def keys_differ_by_trailing_space(s: Any, advance: Advance, key: str) -> None:
+    await _two_records(s, f"{key}:order-7", f"{key}:order-7 ")
+
+
+@scenario
+async def keys_differ_by_case(s: Any, advance: Advance, key: str) -> None:
+    await _two_records(s, f"{key}:Order", f"{key}:order")
+
+
+@scenario
+async def keys_differ_by_unicode_normalisation(s: Any, advance: Advance, key: str) -> None:
+    # NFC "\u00e9" and NFD "e\u0301" look alike but are different strings, so two keys.
+    await _two_records(s, f"{key}:\u00e9", f"{key}:e\u0301")
+
+
+@scenario
+async def scopes_and_key_parts_never_meet(s: Any, advance: Advance, key: str) -> None:
+    """Through ``Idempotency``: a scope, a key with ``:`` or ``\\`` and multi-part keys are
+    encoded (escaped) into distinct stored keys, and the store keeps them apart."""
+    from ..api import Idempotency
+
+    idem = Idempotency(astore=s, namespace=key, lease=LEASE, ttl=TTL)
+    cases: list[tuple[Any, str]] = [
+        ("refund:7", ""),
+        ("7", "refund"),
+        (("refund", "7"), ""),
+        (("acme:eu", "7"), "charge"),
+        (("acme", "eu:7"), "charge"),
+        (("acme\\", ":7"), "charge"),
+        ("a\\:b", ""),
+    ]
+    for i, (raw, scope) in enumerate(cases):
+        async with idem.aclaim(raw, scope=scope) as call:
+            assert not call.replayed, f"{raw!r} (scope {scope!r}) met an earlier key"
+            await call.complete(i)
+    for i, (raw, scope) in enumerate(cases):
+        async with idem.aclaim(raw, scope=scope) as call:
+            assert call.replayed and call.result == i, (raw, scope)
+
+
 async def _faults(s: Any, faults: Any, key: str) -> None:
     """``s`` is a faulty store seen as coroutines, ``faults`` the same store's fault switch;
     each fault is followed by the retry a caller makes."""

@@ -283,8 +283,8 @@ def test_batch_claims_once_and_reports_each_outcome(memory_idem: Idempotency) ->
 
     # A record held by a concurrent invocation is retried later, not skipped.
     busy = sqs_record({"n": "busy"})
-    raw = f"{process.__module__}.{process.__qualname__}#{busy['messageId']}"
-    call = idem.claim(raw, payload=busy["messageId"]).enter()
+    name = f"{process.__module__}.{process.__qualname__}"
+    call = idem.claim(busy["messageId"], scope=name, payload=busy["messageId"]).enter()
     out = process(sqs_event(busy, sqs_record({"n": "free"})), FakeLambdaContext())
     assert out == {"batchItemFailures": [{"itemIdentifier": busy["messageId"]}]}
     call.release()
