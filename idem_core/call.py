@@ -335,14 +335,14 @@ class Call(_Steps):
         except ResultNotSerializable as exc:
             # The store refused the bytes (too large for it) and wrote nothing.
             if error is not None or problem is not None:
-                self.release()  # not even a small record fits: free the key
+                self.release()  # not even the small record fits: free the key
                 raise
             data, problem = self._refused(exc)
             try:
                 rec = self._complete(fence, data, with_items)
             except ResultNotSerializable:
-                self.release()
-                raise
+                self.release()  # not even the small record fits: free the key
+                raise exc from None
         self._completed(fence, rec, problem)
 
     def _complete(self, fence: int, data: bytes, with_items: Sequence[Any] | None) -> Record:
@@ -530,14 +530,14 @@ class AsyncCall(_Steps):
         except ResultNotSerializable as exc:
             # The store refused the bytes (too large for it) and wrote nothing.
             if error is not None or problem is not None:
-                await self.release()  # not even a small record fits: free the key
+                await self.release()  # not even the small record fits: free the key
                 raise
             data, problem = self._refused(exc)
             try:
                 rec = await self._complete(fence, data, with_items)
             except ResultNotSerializable:
-                await self.release()
-                raise
+                await self.release()  # not even the small record fits: free the key
+                raise exc from None
         self._completed(fence, rec, problem)
 
     async def _complete(self, fence: int, data: bytes, with_items: Sequence[Any] | None) -> Record:
