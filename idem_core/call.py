@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .codec import ResultCodec, encode_error, not_stored
 from .errors import (
     AlreadyInProgress,
+    IdempotencyError,
     LeaseLost,
     PayloadMismatch,
     ResultNotSerializable,
@@ -227,7 +228,7 @@ class _Steps:
         if isinstance(failure, LeaseLost):
             return  # already emitted as lease_lost; nothing is held any more
         self.idem._emit(_E_STORE_ERROR, self.key, self.opts.function, self.fence, failure)
-        if not isinstance(failure, StoreUnavailable):
+        if not isinstance(failure, IdempotencyError):  # a raw driver error: a backend bug
             logger.error(
                 "settling the claim on %r after an error failed", self.key, exc_info=failure
             )

@@ -153,7 +153,7 @@ def _allowed_errors(
     return allowed
 
 
-def encode_error(exc: BaseException) -> bytes:
+def encode_error(exc: BaseException, *, with_bases: bool = True) -> bytes:
     """An exception's stored form: its type's names and ancestors, and its args."""
     cls = type(exc)
     args: list[Any]
@@ -165,7 +165,7 @@ def encode_error(exc: BaseException) -> bytes:
     bases = [
         (base.__module__, base.__qualname__)
         for base in cls.__mro__[1:]
-        if base not in (Exception, BaseException, object)
+        if with_bases and base not in (Exception, BaseException, object)
     ][:_BASES]
     return b"\x02" + _encoder.encode(
         {"module": cls.__module__, "qualname": cls.__qualname__, "args": args, "bases": bases}
@@ -181,7 +181,7 @@ def not_stored(key: str, function: str | None, reason: str) -> tuple[bytes, Resu
         "It ran once and is not run again: duplicates raise this error until the record "
         "expires or is deleted"
     )
-    return encode_error(error), error
+    return encode_error(error, with_bases=False), error
 
 
 def rebuild_error(

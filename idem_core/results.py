@@ -212,7 +212,8 @@ def return_type(func: Callable[..., Any]) -> Any:
             "pass result_type=..."
         ) from exc
     ret = hints.get("return", Any)
-    return Any if ret is type(None) else ret
+    # ``None`` has nothing to decode to; ``NoReturn`` functions only ever store cached errors.
+    return Any if ret is type(None) or ret is typing.NoReturn or ret is typing.Never else ret
 
 
 def _stub() -> Callable[[], None]:

@@ -16,7 +16,7 @@ import textwrap
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pydantic  # installed with the dev extras (fastapi); idem-core itself never imports it
 import pytest
@@ -485,3 +485,20 @@ def test_async_mismatch_is_not_stored(idem: Idempotency) -> None:
             await charge("a")
 
     asyncio.run(main())
+
+
+def test_a_function_that_never_returns_stores_its_cached_errors(idem: Idempotency) -> None:
+    class Declined(Exception):
+        pass
+
+    runs: list[int] = []
+
+    @idem.idempotent(key="k", cache_errors=(Declined,))
+    def pay(k: str) -> NoReturn:
+        runs.append(1)
+        raise Declined("no")
+
+    for _ in range(2):
+        with pytest.raises(Declined):
+            pay("a")
+    assert runs == [1]
