@@ -161,7 +161,8 @@ def encode_error(exc: BaseException, *, with_bases: bool = True) -> bytes:
         _encoder.encode(list(exc.args))
         args = list(exc.args)
     except Exception:
-        args = [str(exc)]
+        # Whatever the args hold (objects, lone surrogates...), the message always stores.
+        args = [_safe_text(str(exc))]
     bases = [
         (base.__module__, base.__qualname__)
         for base in cls.__mro__[1:]
@@ -172,8 +173,13 @@ def encode_error(exc: BaseException, *, with_bases: bool = True) -> bytes:
     )
 
 
+def _safe_text(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def not_stored(key: str, function: str | None, reason: str) -> tuple[bytes, ResultNotSerializable]:
     """The record stored in place of a result that cannot be, and the error duplicates get."""
+    reason = _safe_text(reason)
     if len(reason) > _REASON_CHARS:
         reason = reason[: _REASON_CHARS - 3] + "..."
     error = ResultNotSerializable(

@@ -333,3 +333,19 @@ def test_a_release_that_succeeds_on_retry_adds_nothing(
         pay("a")
     assert not getattr(info.value, "__notes__", [])
     assert EventKind.RELEASED in [e.kind for e in events]
+
+
+def test_a_cached_error_with_a_surrogate_in_its_message_is_stored(store: MemoryStore) -> None:
+    idem = Idempotency(store)
+    runs: list[int] = []
+
+    @idem.idempotent(key="k", cache_errors=(Declined,))
+    def pay(k: str) -> str:
+        runs.append(1)
+        raise Declined("bad \udc80 name")
+
+    with pytest.raises(Declined):
+        pay("a")
+    with pytest.raises(Declined, match=r"bad \\udc80 name"):
+        pay("a")  # today: a raw UnicodeEncodeError, and the key stays held
+    assert runs == [1]
