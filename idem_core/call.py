@@ -25,7 +25,6 @@ from .errors import (
 )
 from .events import EventKind, logger
 from .record import ClaimOutcome, ClaimRequest, ClaimResult, Record
-from .results import warn_if_replay_differs
 from .store import AsyncStore, Store
 
 # Enum members looked up once: a class attribute lookup costs ~0.1 us on the hot path.
@@ -187,32 +186,19 @@ class _Steps:
             return encode_error(error)
         return None
 
-    def _value_payload(self, value: Any) -> tuple[bytes, ResultNotSerializable | None]:
-        """Bytes to store for a returned value. A value that cannot be stored (not encodable,
-        or not of the declared type) gets a small "not stored" record instead, with the error
-        duplicates will raise: the function ran, so it must never run again for this key."""
-        codec = self.opts.codec
-        try:
-            data = codec.encode(value)
-        except ResultNotSerializable as exc:
-            return not_stored(self.key, self.opts.function, str(exc))
-        if codec.untyped:
-            warn_if_replay_differs(value, self.opts.function)
-        return data, None
+    def _unstorable(self, exc: ResultNotSerializable) -> tuple[bytes, ResultNotSerializable]:
+        """A small "not stored" record for a value that cannot be stored (not encodable, or
+        not of the declared type), and the error duplicates will get: the function ran, so it
+        must never run again for this key."""
+        return not_stored(self.key, self.opts.function, str(exc))
 
     def _refused(self, exc: ResultNotSerializable) -> tuple[bytes, ResultNotSerializable]:
         """The "not stored" record for a result the store refused (too large for it)."""
         return not_stored(self.key, self.opts.function, f"the store refused it: {exc}")
 
-    def _completed(self, fence: int, rec: Record, problem: ResultNotSerializable | None) -> None:
-        self._done = True
-        idem = self.idem
-        idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
-        if problem is not None:
-            # The caller keeps its value; duplicates get ``problem``. Reported, never silent.
-            idem._emit(_E_RESULT_NOT_STORED, self.key, self.opts.function, fence, problem)
-        if idem._cache is not None:
-            idem._cache.put(self.key, rec)
+    def _not_stored(self, fence: int, problem: ResultNotSerializable) -> None:
+        # The caller keeps its value; duplicates get ``problem``. Reported, never silent.
+        self.idem._emit(_E_RESULT_NOT_STORED, self.key, self.opts.function, fence, problem)
 
     def _settle_failed(self, error: BaseException, failure: Exception) -> None:
         """Settling the claim after the work raised ``error`` failed with ``failure``.
@@ -324,7 +310,10 @@ class Call(_Steps):
                 raise self._lost(self.lease_lost)
         problem: ResultNotSerializable | None = None
         if error is None:
-            data, problem = self._value_payload(value)
+            try:
+                data = self.opts.codec.encode(value, self.opts.function)
+            except ResultNotSerializable as exc:
+                data, problem = self._unstorable(exc)
         else:
             cached = self._error_payload(error)
             if cached is None:
@@ -344,7 +333,13 @@ class Call(_Steps):
             except ResultNotSerializable:
                 self.release()  # not even the small record fits: free the key
                 raise exc from None
-        self._completed(fence, rec, problem)
+        self._done = True
+        idem = self.idem
+        idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
+        if problem is not None:
+            self._not_stored(fence, problem)
+        if idem._cache is not None:
+            idem._cache.put(self.key, rec)
 
     def _complete(self, fence: int, data: bytes, with_items: Sequence[Any] | None) -> Record:
         store = self._store
@@ -519,7 +514,10 @@ class AsyncCall(_Steps):
                 raise self._lost(self.lease_lost)
         problem: ResultNotSerializable | None = None
         if error is None:
-            data, problem = self._value_payload(value)
+            try:
+                data = self.opts.codec.encode(value, self.opts.function)
+            except ResultNotSerializable as exc:
+                data, problem = self._unstorable(exc)
         else:
             cached = self._error_payload(error)
             if cached is None:
@@ -539,7 +537,11 @@ class AsyncCall(_Steps):
             except ResultNotSerializable:
                 await self.release()  # not even the small record fits: free the key
                 raise exc from None
-        self._completed(fence, rec, problem)
+        self._done = True
+        self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
+        if problem is not None:
+            self._not_stored(fence, problem)
+        self.idem._remember(self.key, rec)
 
     async def _complete(self, fence: int, data: bytes, with_items: Sequence[Any] | None) -> Record:
         try:

@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from .errors import ConfigurationError, CorruptRecord, ReplayedError, ResultNotSerializable
-from .results import UNTYPED, Unresolved, type_name, value_format
+from .results import UNTYPED, Unresolved, type_name, value_format, warn_if_replay_differs
 
 VALUE = 0x01
 ERROR = 0x02
@@ -94,11 +94,12 @@ class ResultCodec:
             self._use(pending.resolve())
             self.pending = None
 
-    def encode(self, value: Any) -> bytes:
+    def encode(self, value: Any, function: str | None = None) -> bytes:
         """The stored form of ``value``, proved to decode to the declared type.
 
         Raises ``ResultNotSerializable`` (naming the types) when it cannot be encoded or would
-        not replay as the declared type.
+        not replay as the declared type. With no declared type, a value that would replay as
+        another type is warned about once per ``function``.
         """
         dump = self._dump
         try:
@@ -115,6 +116,8 @@ class ResultCodec:
                     f"a result of type {type_name(type(value))} does not match the declared "
                     f"type {type_name(self.result_type)}: {exc}"
                 ) from exc
+        elif self.untyped:
+            warn_if_replay_differs(value, function)
         return b"\x01" + body
 
     def decode(self, data: bytes | None, key: str) -> Any:

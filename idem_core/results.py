@@ -275,5 +275,5 @@ def warn_if_replay_differs(value: Any, function: str | None) -> None:
             f"{type_name(replayed)}, because no result type is declared: annotate the return "
             f"type or pass result_type=... so duplicates get a {type_name(original)} too"
         ),
-        stacklevel=4,
+        stacklevel=5,
     )
