@@ -207,12 +207,17 @@ class _Steps:
         not re-run an operation that failed for good. ``failure`` is attached as a note,
         emitted as a ``store_error`` event and logged.
         """
+        if isinstance(failure, LeaseLost):
+            # Already emitted as lease_lost: another worker holds the key now.
+            error.add_note(
+                f"idem-core: settling the claim on {self.key!r} after this error failed: "
+                f"{failure!r}"
+            )
+            return
         error.add_note(
             f"idem-core: settling the claim on {self.key!r} after this error failed: "
             f"{failure!r}; the key stays held until its lease ends"
         )
-        if isinstance(failure, LeaseLost):
-            return  # already emitted as lease_lost; nothing is held any more
         self.idem._emit(_E_STORE_ERROR, self.key, self.opts.function, self.fence, failure)
         if not isinstance(failure, IdempotencyError):  # a raw driver error: a backend bug
             logger.error(

@@ -349,3 +349,41 @@ def test_a_cached_error_with_a_surrogate_in_its_message_is_stored(store: MemoryS
     with pytest.raises(Declined, match=r"bad \\udc80 name"):
         pay("a")  # today: a raw UnicodeEncodeError, and the key stays held
     assert runs == [1]
+
+
+def test_a_cached_error_after_the_lease_was_lost_is_still_the_callers_error(
+    store: MemoryStore, clock: ManualClock, events: list[Event]
+) -> None:
+    idem = Idempotency(store, on_event=events.append)
+
+    @idem.idempotent(key="k", lease=5, cache_errors=(Declined,))
+    def pay(k: str, who: str) -> str:
+        if who == "zombie":
+            clock.advance(6)  # a pause past the lease: a duplicate takes over meanwhile
+            assert pay(k, "successor") == "successor"
+            raise Declined("declined after the pause")
+        return who
+
+    with pytest.raises(Declined) as info:  # today: LeaseLost in its place
+        pay("a", "zombie")
+    assert any("settling the claim" in note for note in info.value.__notes__)
+    assert EventKind.LEASE_LOST in [e.kind for e in events]
+    assert pay("a", "successor") == "successor"  # the successor's result stands
+
+
+async def test_async_a_cached_error_after_the_lease_was_lost_is_still_the_callers_error(
+    store: MemoryStore, clock: ManualClock
+) -> None:
+    idem = Idempotency(store)
+
+    @idem.idempotent(key="k", lease=5, cache_errors=(Declined,))
+    async def pay(k: str, who: str) -> str:
+        if who == "zombie":
+            clock.advance(6)
+            assert await pay(k, "successor") == "successor"
+            raise Declined("declined after the pause")
+        return who
+
+    with pytest.raises(Declined):
+        await pay("a", "zombie")
+    assert await pay("a", "successor") == "successor"
