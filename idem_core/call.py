@@ -316,7 +316,7 @@ class Call(_Steps):
         problem: ResultNotSerializable | None = None
         if error is None:
             try:
-                data = self.opts.codec.encode(value, self.opts.function)
+                data = self.opts.codec.encode(value, self.opts.function, self.key)
             except ResultNotSerializable as exc:
                 data, problem = self._unstorable(exc)
         else:
@@ -520,7 +520,7 @@ class AsyncCall(_Steps):
         problem: ResultNotSerializable | None = None
         if error is None:
             try:
-                data = self.opts.codec.encode(value, self.opts.function)
+                data = self.opts.codec.encode(value, self.opts.function, self.key)
             except ResultNotSerializable as exc:
                 data, problem = self._unstorable(exc)
         else:

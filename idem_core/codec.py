@@ -94,7 +94,7 @@ class ResultCodec:
             self._use(pending.resolve())
             self.pending = None
 
-    def encode(self, value: Any, function: str | None = None) -> bytes:
+    def encode(self, value: Any, function: str | None = None, key: str = "") -> bytes:
         """The stored form of ``value``, proved to decode to the declared type.
 
         Raises ``ResultNotSerializable`` (naming the types) when it cannot be encoded or would
@@ -117,7 +117,7 @@ class ResultCodec:
                     f"type {type_name(self.result_type)}: {exc}"
                 ) from exc
         elif self.untyped:
-            warn_if_replay_differs(value, function)
+            warn_if_replay_differs(value, function, key)
         return b"\x01" + body
 
     def decode(self, data: bytes | None, key: str) -> Any:

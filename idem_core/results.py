@@ -258,8 +258,9 @@ def replay_change(value: Any) -> tuple[type, type] | None:
     return None
 
 
-def warn_if_replay_differs(value: Any, function: str | None) -> None:
-    """Warn once per function when an untyped result would replay as another type."""
+def warn_if_replay_differs(value: Any, function: str | None, key: str = "") -> None:
+    """Warn once per function (once for all ``claim()`` blocks without a scope) when an
+    untyped result would replay as another type."""
     if function in _warned:
         return
     change = replay_change(value)
@@ -267,7 +268,7 @@ def warn_if_replay_differs(value: Any, function: str | None) -> None:
         return
     _warned.add(function)
     original, replayed = change
-    where = function or "a claim() block"
+    where = function or f"a claim() block (key {key!r})"
     found = "" if type(value) is original else f" (inside a {type_name(type(value))})"
     warnings.warn(
         ResultTypeWarning(

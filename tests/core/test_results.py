@@ -502,3 +502,14 @@ def test_a_function_that_never_returns_stores_its_cached_errors(idem: Idempotenc
         with pytest.raises(Declined):
             pay("a")
     assert runs == [1]
+
+
+def test_a_claim_without_result_type_warns_of_a_type_change(idem: Idempotency) -> None:
+    scope = f"refunds-{uuid.uuid4().hex[:8]}"
+    with (
+        pytest.warns(ResultTypeWarning, match=f"{scope}.*Decimal.*str"),
+        idem.claim("o-1", payload=1, scope=scope) as call,
+    ):
+        call.complete(decimal.Decimal("1.5"))
+    with idem.claim("o-1", payload=1, scope=scope, result_type=decimal.Decimal) as call:
+        assert call.result == decimal.Decimal("1.5")  # the fix the warning names
