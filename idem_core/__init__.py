@@ -20,6 +20,7 @@ from .errors import (
 from .events import Event, EventKind
 from .record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, Record, Status
 from .registry import open_async_store, open_store, register
+from .results import ResultTypeWarning
 from .store import AsyncStore, Backend, Store
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "Record",
     "ReplayedError",
     "ResultNotSerializable",
+    "ResultTypeWarning",
     "SkewedClock",
     "Status",
     "Store",

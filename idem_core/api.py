@@ -9,7 +9,6 @@ import itertools
 import os
 import threading
 import time
-import typing
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
@@ -23,6 +22,7 @@ from .events import Emitter, EventHook, EventKind
 from .keys import RawKey, encode_key, fingerprint, full_key, prefix
 from .record import MICROS, ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .registry import open_async_store, open_store
+from .results import Unresolved, return_type
 from .store import AsyncStore, Store
 
 # Enum members looked up once: a class attribute lookup costs ~0.1 us on the hot path.
@@ -451,16 +451,19 @@ class Idempotency:
         if not callable(func):
             raise ConfigurationError(f"idempotent() decorates a function, got {func!r}")
         bind = Binder(func)
-        if result_type is None:
-            result_type = _return_type(func)
         if scope is not None:
             validate.text("scope", scope)
+        # Decided now, not after the function has run: a return type that cannot be stored is
+        # a ConfigurationError at decoration (one naming a type not defined yet is resolved
+        # on the first call, before anything runs).
+        codec = ResultCodec(
+            _return_type(func) if result_type is None else result_type, cache_errors
+        )
         name = scope or f"{func.__module__}.{func.__qualname__}"
         opts = self._options(
             {
                 "ttl": ttl,
                 "lease": lease,
-                "result_type": result_type,
                 "on_in_progress": on_in_progress,
                 "wait_timeout": wait_timeout,
                 "cache_errors": cache_errors,
@@ -468,6 +471,7 @@ class Idempotency:
             },
             function=name,
         )
+        opts.codec = codec
         get_key = extractor(key, "key", bind)
         get_payload = None if payload is None else extractor(payload, "payload", bind)
         get_conn = None if connection is None else extractor(connection, "connection", bind)
@@ -503,6 +507,8 @@ class Idempotency:
 
             @functools.wraps(func)
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
+                if codec.pending is not None:
+                    codec.ready()
                 store = self.astore
                 if get_conn is not None:
                     store = _bind(store, get_conn(bind(args, kwargs)))
@@ -513,7 +519,7 @@ class Idempotency:
                 try:
                     value = await afunc(*args, **kwargs)
                 except BaseException as exc:
-                    await call._finish(None, exc)
+                    await call._abort(exc)  # never raises in place of exc
                     raise
                 await call._finish(value, None)
                 return value
@@ -522,6 +528,8 @@ class Idempotency:
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if codec.pending is not None:
+                codec.ready()
             store = self._store
             if store is None or self._gen != _generation[0]:
                 store = self.store
@@ -546,7 +554,7 @@ class Idempotency:
             try:
                 value = func(*args, **kwargs)
             except BaseException as exc:
-                call._finish(None, exc)
+                call._abort(exc)  # never raises in place of exc
                 raise
             call._finish(value, None)
             return value
@@ -614,15 +622,11 @@ def _bind(store: Any, connection: Any) -> Any:
 
 
 def _return_type(func: Callable[..., Any]) -> Any:
+    """The declared result type, or an ``Unresolved`` one to resolve on the first call."""
     try:
-        hints = typing.get_type_hints(func, include_extras=True)
-    except Exception as exc:
-        raise ConfigurationError(
-            f"cannot resolve the return annotation of {func.__qualname__}: {exc}; "
-            "pass result_type=..."
-        ) from exc
-    ret = hints.get("return", Any)
-    return Any if ret is type(None) else ret
+        return return_type(func)
+    except NameError:
+        return Unresolved(func)
 
 
 class _LocalCache:

@@ -14,9 +14,10 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .codec import ResultCodec, encode_error
+from .codec import ResultCodec, encode_error, not_stored
 from .errors import (
     AlreadyInProgress,
+    IdempotencyError,
     LeaseLost,
     PayloadMismatch,
     ResultNotSerializable,
@@ -35,6 +36,7 @@ _E_LEASE_LOST = EventKind.LEASE_LOST
 _E_MISMATCH = EventKind.MISMATCH
 _E_RELEASED = EventKind.RELEASED
 _E_REPLAYED = EventKind.REPLAYED
+_E_RESULT_NOT_STORED = EventKind.RESULT_NOT_STORED
 _E_STORE_ERROR = EventKind.STORE_ERROR
 _E_TOOK_OVER = EventKind.TOOK_OVER
 _E_WAITING = EventKind.WAITING
@@ -183,6 +185,44 @@ class _Steps:
             return encode_error(error)
         return None
 
+    def _unstorable(self, exc: ResultNotSerializable) -> tuple[bytes, ResultNotSerializable]:
+        """A small "not stored" record for a value that cannot be stored (not encodable, or
+        not of the declared type), and the error duplicates will get: the function ran, so it
+        must never run again for this key."""
+        return not_stored(self.key, self.opts.function, str(exc))
+
+    def _refused(self, exc: ResultNotSerializable) -> tuple[bytes, ResultNotSerializable]:
+        """The "not stored" record for a result the store refused (too large for it)."""
+        return not_stored(self.key, self.opts.function, f"the store refused it: {exc}")
+
+    def _not_stored(self, fence: int, problem: ResultNotSerializable) -> None:
+        # The caller keeps its value; duplicates get ``problem``. Reported, never silent.
+        self.idem._emit(_E_RESULT_NOT_STORED, self.key, self.opts.function, fence, problem)
+
+    def _settle_failed(self, error: BaseException, failure: Exception) -> None:
+        """Settling the claim after the work raised ``error`` failed with ``failure``.
+
+        ``error`` stays what the caller sees: a caller that retries on StoreUnavailable must
+        not re-run an operation that failed for good. ``failure`` is attached as a note,
+        emitted as a ``store_error`` event and logged.
+        """
+        if isinstance(failure, LeaseLost):
+            # Already emitted as lease_lost: another worker holds the key now.
+            error.add_note(
+                f"idem-core: settling the claim on {self.key!r} after this error failed: "
+                f"{failure!r}"
+            )
+            return
+        error.add_note(
+            f"idem-core: settling the claim on {self.key!r} after this error failed: "
+            f"{failure!r}; the key stays held until its lease ends"
+        )
+        self.idem._emit(_E_STORE_ERROR, self.key, self.opts.function, self.fence, failure)
+        if not isinstance(failure, IdempotencyError):  # a raw driver error: a backend bug
+            logger.error(
+                "settling the claim on %r after an error failed", self.key, exc_info=failure
+            )
+
     def _check_held(self) -> int:
         if self._done:
             raise RuntimeError(f"the call for {self.key!r} is already finished")
@@ -272,27 +312,50 @@ class Call(_Steps):
             self._stop_renewer()
             if self.lease_lost is not None:
                 raise self._lost(self.lease_lost)
+        problem: ResultNotSerializable | None = None
+        if error is None:
+            try:
+                data = self.opts.codec.encode(value, self.opts.function, self.key)
+            except ResultNotSerializable as exc:
+                data, problem = self._unstorable(exc)
+        else:
+            cached = self._error_payload(error)
+            if cached is None:
+                self.release()
+                return
+            data = cached
         try:
-            data = self.opts.codec.encode(value) if error is None else self._error_payload(error)
-        except ResultNotSerializable:
-            self.release()
-            raise
-        if data is None:
-            self.release()
-            return
+            rec = self._complete(fence, data, with_items)
+        except ResultNotSerializable as exc:
+            # The store refused the bytes (too large for it) and wrote nothing.
+            if error is not None or problem is not None:
+                self.release()  # not even the small record fits: free the key
+                raise
+            data, problem = self._refused(exc)
+            try:
+                rec = self._complete(fence, data, with_items)
+            except ResultNotSerializable:
+                self.release()  # not even the small record fits: free the key
+                raise exc from None
+        self._done = True
+        idem = self.idem
+        idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
+        if problem is not None:
+            self._not_stored(fence, problem)
+        if idem._cache is not None:
+            idem._cache.put(self.key, rec)
+
+    def _complete(self, fence: int, data: bytes, with_items: Sequence[Any] | None) -> Record:
         store = self._store
         try:
             try:
                 if with_items is None:
-                    rec = store.complete(self.key, fence, data, self.opts.ttl)
-                else:
-                    rec = store.complete(
-                        self.key, fence, data, self.opts.ttl, with_items=with_items
-                    )
+                    return store.complete(self.key, fence, data, self.opts.ttl)
+                return store.complete(self.key, fence, data, self.opts.ttl, with_items=with_items)
             except StoreUnavailable:
                 if not self.idem.retries:
                     raise
-                rec = self.idem._retry(
+                return self.idem._retry(
                     store.complete,
                     self.key,
                     fence,
@@ -303,15 +366,17 @@ class Call(_Steps):
                 )
         except LeaseLost as exc:
             raise self._lost(exc) from None
-        except ResultNotSerializable:
-            # The store refused the result (too large for it): free the key for a retry.
-            self.release()
-            raise
-        self._done = True
-        idem = self.idem
-        idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
-        if idem._cache is not None:
-            idem._cache.put(self.key, rec)
+
+    def _abort(self, error: BaseException) -> None:
+        """Settle the claim after the work raised ``error``: store it (``cache_errors``) or
+        release the key. Never raises in place of ``error`` (see ``_settle_failed``)."""
+        if self._done or self.fence is None:
+            self._stop_renewer()
+            return
+        try:
+            self._finish(None, error)
+        except Exception as failure:
+            self._settle_failed(error, failure)
 
     def release(self) -> None:
         """Give the claim up so the next duplicate runs."""
@@ -335,15 +400,11 @@ class Call(_Steps):
         return self.enter() if self.outcome is None else self
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self._abort(exc)
+            return
         if self._done or self.fence is None:
             self._stop_renewer()
-            return
-        if exc is not None:
-            try:
-                self._finish(None, exc)
-            except Exception:
-                # The caller's own exception is what propagates; this one is only logged.
-                logger.exception("could not settle the claim on %r after an error", self.key)
             return
 
         logger.warning("claim on %r ended without complete(); released", self.key)
@@ -455,26 +516,55 @@ class AsyncCall(_Steps):
             await self._stop_renewer()
             if self.lease_lost is not None:
                 raise self._lost(self.lease_lost)
+        problem: ResultNotSerializable | None = None
+        if error is None:
+            try:
+                data = self.opts.codec.encode(value, self.opts.function, self.key)
+            except ResultNotSerializable as exc:
+                data, problem = self._unstorable(exc)
+        else:
+            cached = self._error_payload(error)
+            if cached is None:
+                await self.release()
+                return
+            data = cached
         try:
-            data = self.opts.codec.encode(value) if error is None else self._error_payload(error)
-        except ResultNotSerializable:
-            await self.release()
-            raise
-        if data is None:
-            await self.release()
-            return
+            rec = await self._complete(fence, data, with_items)
+        except ResultNotSerializable as exc:
+            # The store refused the bytes (too large for it) and wrote nothing.
+            if error is not None or problem is not None:
+                await self.release()  # not even the small record fits: free the key
+                raise
+            data, problem = self._refused(exc)
+            try:
+                rec = await self._complete(fence, data, with_items)
+            except ResultNotSerializable:
+                await self.release()  # not even the small record fits: free the key
+                raise exc from None
+        self._done = True
+        self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
+        if problem is not None:
+            self._not_stored(fence, problem)
+        self.idem._remember(self.key, rec)
+
+    async def _complete(self, fence: int, data: bytes, with_items: Sequence[Any] | None) -> Record:
         try:
-            rec = await self.idem._aretry(
+            return await self.idem._aretry(
                 self._store.complete, self.key, fence, data, self.opts.ttl, with_items=with_items
             )
         except LeaseLost as exc:
             raise self._lost(exc) from None
-        except ResultNotSerializable:
-            await self.release()
-            raise
-        self._done = True
-        self.idem._emit(_E_COMPLETED, self.key, self.opts.function, fence)
-        self.idem._remember(self.key, rec)
+
+    async def _abort(self, error: BaseException) -> None:
+        """Settle the claim after the work raised ``error``: store it (``cache_errors``) or
+        release the key. Never raises in place of ``error`` (see ``_settle_failed``)."""
+        if self._done or self.fence is None:
+            await self._stop_renewer()
+            return
+        try:
+            await self._finish(None, error)
+        except Exception as failure:
+            self._settle_failed(error, failure)
 
     async def release(self) -> None:
         if self._done or self.fence is None or self.unprotected:
@@ -492,14 +582,11 @@ class AsyncCall(_Steps):
         return await self.enter() if self.outcome is None else self
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            await self._abort(exc)
+            return
         if self._done or self.fence is None:
             await self._stop_renewer()
-            return
-        if exc is not None:
-            try:
-                await self._finish(None, exc)
-            except Exception:
-                logger.exception("could not settle the claim on %r after an error", self.key)
             return
 
         logger.warning("claim on %r ended without complete(); released", self.key)

@@ -60,7 +60,9 @@ class CorruptRecord(IdempotencyError):
 
 
 class ResultNotSerializable(IdempotencyError, TypeError):
-    """A result could not be encoded for storage; the claim was released."""
+    """A result could not be stored: not encodable, not of the declared type, or refused by
+    the store (too large). The function ran once: its caller got the value (and a
+    ``result_not_stored`` event); duplicates raise this error instead of running it again."""
 
 
 class ReplayedError(IdempotencyError):

@@ -24,6 +24,9 @@ class EventKind(enum.Enum):
     LEASE_LOST = "lease_lost"
     STORE_ERROR = "store_error"
     FAIL_OPEN = "fail_open"
+    #: the function ran but its result could not be stored; duplicates raise
+    #: ResultNotSerializable instead of running it again (``error`` says why)
+    RESULT_NOT_STORED = "result_not_stored"
 
 
 _LEVELS = {
@@ -38,6 +41,7 @@ _LEVELS = {
     EventKind.LEASE_LOST: logging.WARNING,
     EventKind.STORE_ERROR: logging.ERROR,
     EventKind.FAIL_OPEN: logging.ERROR,
+    EventKind.RESULT_NOT_STORED: logging.WARNING,
 }
 
 
