@@ -20,46 +20,95 @@ def _ms(seconds: float) -> str:
 
 
 def check(url: str, out: Any = sys.stdout) -> int:
-    """Claim, complete, read back and delete one record; print timings and clock skew."""
+    """Claim, complete, read back and delete one record; print timings, clock skew and the
+    store's diagnostics. Returns 0 when all is well, 1 when a problem is listed (the store
+    works but is set up so that records can be lost or calls run twice)."""
     store = open_store(url)
     try:
-        key = f"idem-check:{uuid.uuid4().hex}"
-        req = ClaimRequest(key, "0" * 32, uuid.uuid4().hex, 30.0, 60.0)
-        timings: list[tuple[str, float]] = []
-
-        def timed(name: str, fn: Any, *args: Any) -> Any:
-            t0 = time.perf_counter()
-            value = fn(*args)
-            timings.append((name, time.perf_counter() - t0))
-            return value
-
-        res = timed("claim", store.claim, req)
-        timed("complete", store.complete, key, res.fence, b"\x01\xa2ok", 60.0)
-        rec = timed("get", store.get, key)
-        timed("delete", store.delete, key)
-        if rec is None or rec.result != b"\x01\xa2ok":
-            print(f"FAILED: the record read back does not match: {rec!r}", file=out)
-            return 1
-        print(f"store: {url}  ({type(store).__module__}.{type(store).__qualname__})", file=out)
-        for name, took in timings:
-            print(f"  {name:<9} {_ms(took)}", file=out)
-        print(f"  total     {_ms(sum(t for _, t in timings))}", file=out)
-        if store.server_clock:
-            t0 = time.time()
-            server = store.now() / 1e6
-            t1 = time.time()
-            skew = server - (t0 + t1) / 2
-            print(f"  clock skew (server - local): {skew * 1000:+.3f} ms", file=out)
-        else:
-            print("  clock: leases are judged by this client's clock", file=out)
+        problems = _round_trip(store, url, out)
         diagnostics = getattr(store, "diagnostics", None)
-        if diagnostics is not None:
-            for name, value in diagnostics().items():
-                print(f"  {name}: {value}", file=out)
-        print("OK", file=out)
-        return 0
+        facts: dict[str, object] = dict(diagnostics()) if diagnostics is not None else {}
+        listed = facts.pop("problems", None)
+        if isinstance(listed, list | tuple):
+            problems.extend(str(p) for p in listed)
+        for name, value in facts.items():
+            print(f"  {name}: {value}", file=out)
+        if facts.get("backend") == "redis":
+            problems.extend(_redis_persistence(store, out))
     finally:
         store.close()
+    for problem in problems:
+        print(f"PROBLEM: {problem}", file=out)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=out)
+        return 1
+    print("OK", file=out)
+    return 0
+
+
+def _round_trip(store: Store, url: str, out: Any) -> list[str]:
+    key = f"idem-check:{uuid.uuid4().hex}"
+    req = ClaimRequest(key, "0" * 32, uuid.uuid4().hex, 30.0, 60.0)
+    timings: list[tuple[str, float]] = []
+
+    def timed(name: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        value = fn(*args)
+        timings.append((name, time.perf_counter() - t0))
+        return value
+
+    res = timed("claim", store.claim, req)
+    timed("complete", store.complete, key, res.fence, b"\x01\xa2ok", 60.0)
+    rec = timed("get", store.get, key)
+    timed("delete", store.delete, key)
+    print(f"store: {url}  ({type(store).__module__}.{type(store).__qualname__})", file=out)
+    for name, took in timings:
+        print(f"  {name:<9} {_ms(took)}", file=out)
+    print(f"  total     {_ms(sum(t for _, t in timings))}", file=out)
+    if store.server_clock:
+        t0 = time.time()
+        server = store.now() / 1e6
+        t1 = time.time()
+        skew = server - (t0 + t1) / 2
+        print(f"  clock skew (server - local): {skew * 1000:+.3f} ms", file=out)
+    else:
+        print("  clock: leases are judged by this client's clock", file=out)
+    if rec is None or rec.result != b"\x01\xa2ok":
+        return [f"the record read back does not match what was written: {rec!r}"]
+    return []
+
+
+def _redis_persistence(store: Any, out: Any) -> list[str]:
+    """A Redis that keeps nothing on disk loses every record on a restart: each retry after
+    it runs again. Read from ``CONFIG GET`` (managed services may refuse it)."""
+    from redis.exceptions import RedisError
+
+    client = getattr(store, "client", None)
+    if client is None:
+        return []
+    settings: dict[str, str] = {}
+    try:
+        for name in ("save", "appendonly"):
+            reply = client.config_get(name)
+            # A cluster answers per node or merged, depending on the client: look for the name.
+            values = reply.values() if name not in reply else [reply]
+            for value in values:
+                if isinstance(value, dict) and name in value:
+                    settings[name] = settings.get(name) or str(value[name])
+                elif name in reply:
+                    settings[name] = str(reply[name])
+    except RedisError as exc:
+        print(f"  persistence: unknown (CONFIG GET refused: {exc})", file=out)
+        return []
+    save, aof = settings.get("save", ""), settings.get("appendonly", "")
+    print(f"  persistence: save={save!r} appendonly={aof!r}", file=out)
+    if not save.strip() and aof.lower() != "yes":
+        return [
+            "Redis keeps nothing on disk (save is empty and appendonly is no): a restart "
+            "loses every record, and retries after it run again; enable AOF "
+            "(appendonly yes) or RDB snapshots"
+        ]
+    return []
 
 
 def setup(url: str, out: Any = sys.stdout) -> int:
@@ -108,9 +157,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "setup":
             return setup(args.url)
         return purge(args.url, args.batch)
-    except IdempotencyError as exc:
-        print(f"idem: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        # One line, no traceback: a bad URL, an unreachable server, a wrong option or a
+        # missing extra is the user's to fix, and the message says what it is.
+        print(f"idem: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    if not isinstance(exc, IdempotencyError):
+        return f"{type(exc).__module__}.{type(exc).__qualname__}: {text}"
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text} ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return f"{type(exc).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -3,19 +3,24 @@ module and provide a ``store`` (or ``astore``) fixture; pytest collects every ch
 
 Optional fixtures: ``advance(seconds)`` moves the store's clock (the default sleeps, as a
 server clock needs); ``store_url`` lets child processes open the same store for the process
-race (the default, None, skips it).
+race, and lets the async suite open stores by URL from several event loops (the default,
+None, skips those checks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from ..api import Idempotency
 from ..record import ClaimOutcome
 from .faults import AsyncFaultyStore, FaultyStore
 from .race import process_race, task_race, thread_race
@@ -74,6 +79,57 @@ class AsyncStoreSuite(_Base):
     async def test_sixteen_tasks_one_claim(self, astore: Any, key: str) -> None:
         for i in range(3):
             _exactly_one(await task_race(astore, f"{key}-{i}"))
+
+    def test_opened_by_url_used_from_many_event_loops(self, store_url: str | None, key: str) -> None:
+        """One module-level ``Idempotency`` opened by URL, used from ``asyncio.run()`` after
+        ``asyncio.run()`` (a Lambda invocation, a pytest-asyncio test each) and from threads
+        running loops of their own: each loop gets a store of its own, every loop sees the
+        same records, and the stores of closed loops are dropped without a word."""
+        if store_url is None:
+            pytest.skip("no store_url fixture: this store cannot be opened by URL")
+        idem = Idempotency.from_url(store_url, namespace=f"loops{uuid.uuid4().hex[:8]}")
+        runs: list[str] = []
+
+        @idem.idempotent(key="k")
+        async def handler(k: str) -> str:
+            runs.append(k)
+            await asyncio.sleep(0)
+            return f"done {k}"
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            assert asyncio.run(handler(key)) == f"done {key}"
+            assert asyncio.run(handler(key)) == f"done {key}"  # a new loop: replayed
+            assert runs == [key]
+
+            results: dict[int, list[str]] = {}
+
+            def thread(i: int) -> None:
+                async def both() -> list[str]:
+                    return [await handler(key), await handler(f"{key}-{i}")]
+
+                results[i] = asyncio.run(both())
+
+            threads = [threading.Thread(target=thread, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert results == {i: [f"done {key}", f"done {key}-{i}"] for i in range(3)}
+            assert sorted(runs) == sorted([key] + [f"{key}-{i}" for i in range(3)])
+
+            async def last() -> None:
+                try:
+                    assert await handler(key) == f"done {key}"
+                finally:
+                    await idem.aclose()
+
+            asyncio.run(last())
+            assert asyncio.run(handler(key)) == f"done {key}"  # closed is not finished
+            idem.close()
+            gc.collect()
+        leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert not leaks, f"abandoned stores warned: {leaks}"
 
 
 def _sync_test(fn: Scenario) -> Callable[..., None]:
