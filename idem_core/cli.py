@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import IdempotencyError
 from .record import ClaimRequest
@@ -80,35 +81,41 @@ def _round_trip(store: Store, url: str, out: Any) -> list[str]:
 
 def _redis_persistence(store: Any, out: Any) -> list[str]:
     """A Redis that keeps nothing on disk loses every record on a restart: each retry after
-    it runs again. Read from ``CONFIG GET`` (managed services may refuse it)."""
+    it runs again. Read with ``CONFIG GET`` on every primary (managed services may refuse
+    it: then it is reported as unknown)."""
     from redis.exceptions import RedisError
 
     client = getattr(store, "client", None)
     if client is None:
         return []
-    settings: dict[str, str] = {}
+    nodes: dict[str, dict[str, str]] = {}
     try:
         for name in ("save", "appendonly"):
-            reply = client.config_get(name)
-            # A cluster answers per node or merged, depending on the client: look for the name.
-            values = reply.values() if name not in reply else [reply]
-            for value in values:
-                if isinstance(value, dict) and name in value:
-                    settings[name] = settings.get(name) or str(value[name])
-                elif name in reply:
-                    settings[name] = str(reply[name])
+            if getattr(store, "cluster", False):
+                from redis.cluster import RedisCluster
+
+                reply = client.config_get(name, target_nodes=RedisCluster.PRIMARIES)
+            else:
+                reply = client.config_get(name)
+            # Several nodes answer {node: {name: value}}; one answers {name: value}.
+            per_node = reply if all(isinstance(v, dict) for v in reply.values()) else {"": reply}
+            for node, conf in per_node.items():
+                nodes.setdefault(str(node), {}).update({str(k): str(v) for k, v in conf.items()})
     except RedisError as exc:
-        print(f"  persistence: unknown (CONFIG GET refused: {exc})", file=out)
+        print(f"  on disk: unknown (CONFIG GET refused: {_one_line(exc)})", file=out)
         return []
-    save, aof = settings.get("save", ""), settings.get("appendonly", "")
-    print(f"  persistence: save={save!r} appendonly={aof!r}", file=out)
-    if not save.strip() and aof.lower() != "yes":
-        return [
-            "Redis keeps nothing on disk (save is empty and appendonly is no): a restart "
-            "loses every record, and retries after it run again; enable AOF "
-            "(appendonly yes) or RDB snapshots"
-        ]
-    return []
+    problems = []
+    for node, conf in sorted(nodes.items()):
+        save, aof = conf.get("save", ""), conf.get("appendonly", "")
+        where = f" on {node}" if node else ""
+        print(f"  on disk{where}: save={save!r} appendonly={aof!r}", file=out)
+        if not save.strip() and aof.lower() != "yes":
+            problems.append(
+                f"Redis keeps nothing on disk{where} (save is empty and appendonly is no): a "
+                "restart loses every record, and every retry after it runs again; enable AOF "
+                "(appendonly yes) or RDB snapshots (save)"
+            )
+    return problems
 
 
 def setup(url: str, out: Any = sys.stdout) -> int:
@@ -160,8 +167,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # One line, no traceback: a bad URL, an unreachable server, a wrong option or a
         # missing extra is the user's to fix, and the message says what it is.
-        print(f"idem: {_one_line(exc)}", file=sys.stderr)
+        print(f"idem: {args.command} {_masked(args.url)}: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _masked(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+            return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        pass
+    return url
 
 
 def _one_line(exc: BaseException) -> str:
