@@ -1,8 +1,7 @@
 """Store lifetimes: given vs opened stores, one async store per event loop, fork, close.
 
-``tracked://`` is a backend registered here: it keeps its records in one shared memory store
-but behaves like a networked one (not in-process), so each event loop gets a store of its
-own, and every open and close is recorded with the loop it happened on.
+``tracked://`` (``tests/tracked_backend.py``) keeps its records in one memory store but
+behaves like a networked backend, and records every open and close with its event loop.
 """
 
 from __future__ import annotations
@@ -23,68 +22,9 @@ import pytest
 
 from idem_core import AlreadyInProgress, ConfigurationError, EventKind, Idempotency
 from idem_core.memory import AsyncMemoryStore, MemoryStore
-from idem_core.registry import register
 from idem_core.testing import assert_idempotent
-
-
-class _TrackedStore(AsyncMemoryStore):
-    def __init__(self, backend: _Tracked, store: MemoryStore) -> None:
-        super().__init__(store)
-        self.backend = backend
-        self.loop = asyncio._get_running_loop()
-        self.closed = False
-
-    async def claim(self, request: Any) -> Any:
-        if self.closed:
-            raise AssertionError("a closed store was used")
-        if asyncio.get_running_loop() is not self.loop:
-            raise AssertionError("a store was used from another event loop than its own")
-        return await super().claim(request)
-
-    async def close(self) -> None:
-        self.closed = True
-        self.backend.closed.append(self)
-
-
-class _SyncTracked(MemoryStore):
-    def __init__(self, backend: _Tracked) -> None:
-        super().__init__()
-        self.backend = backend
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.backend.closed_sync.append(self)
-
-
-class _Tracked:
-    """Opens stores that refuse use after close and from another loop than their own."""
-
-    extra = ""
-
-    def __init__(self) -> None:
-        self.records = MemoryStore()
-        self.opened: list[_TrackedStore] = []
-        self.closed: list[_TrackedStore] = []
-        self.opened_sync: list[_SyncTracked] = []
-        self.closed_sync: list[_SyncTracked] = []
-
-    def open(self, url: str, *, client: Any = None, **options: Any) -> _SyncTracked:
-        store = _SyncTracked(self)
-        self.opened_sync.append(store)
-        return store
-
-    def open_async(self, url: str, *, client: Any = None, **options: Any) -> _TrackedStore:
-        store = _TrackedStore(self, self.records)
-        self.opened.append(store)
-        return store
-
-
-@pytest.fixture
-def tracked() -> _Tracked:
-    backend = _Tracked()
-    register("tracked", backend)
-    return backend
+from tracked_backend import Tracked as _Tracked
+from tracked_backend import tracked  # noqa: F401  (fixture)
 
 
 def _counting(idem: Idempotency, scope: str = "handler") -> tuple[list[str], Any]:
@@ -319,7 +259,7 @@ def test_a_forked_child_drops_the_parents_stores_unclosed(tracked: _Tracked) -> 
         p.join(10)
     finally:
         lock.release()
-    assert name == "_SyncTracked" and not closed
+    assert name == "SyncTracked" and not closed
     assert opened == 2  # the child opened its own (the parent's one, inherited, plus it)
     assert tracked.closed_sync == []  # nobody closed the parent's store
     assert idem.store is parent
