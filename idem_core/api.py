@@ -18,7 +18,7 @@ from .errors import ConfigurationError, KeyMissing, StoreUnavailable
 from .events import Emitter, EventHook, EventKind
 from .keys import fingerprint, full_key
 from .local_cache import LocalCache
-from .lifetimes import Stores, running_loop
+from .lifetimes import Stores, this_thread
 from .record import ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .store import AsyncStore, Store
 
@@ -459,8 +459,11 @@ class Idempotency:
 
             @functools.wraps(func)
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
-                last = stores.last
-                store = last[1] if last[0] is running_loop() else stores.async_store()
+                entry = stores.hot  # see Stores.async_store
+                if entry.loop._thread_id == this_thread() and entry.live:
+                    store = entry.store
+                else:
+                    store = stores.async_store()
                 if get_conn is not None:
                     store = _bind(store, get_conn(bind(args, kwargs)))
                 call = AsyncCall(self, store, prepare(args, kwargs, store.max_key_length), opts)

@@ -33,24 +33,31 @@ from .errors import ConfigurationError
 from .registry import backend_for, open_async_store, open_store
 from .store import AsyncStore, Store
 
-#: the running event loop, or None (C-accelerated, never raises)
+#: the running event loop, or None. Never raises; but on Python 3.11 each call makes a
+#: getpid() system call (its fork check), so the hot path avoids it: see ``Stores.hot``.
 running_loop = asyncio._get_running_loop
-
-_NO_LOOP = object()  # no loop is ever this object: the shortcut starts out missed
+this_thread = threading.get_ident
 
 
 class _Entry:
     """An async store opened for one event loop."""
 
-    __slots__ = ("loop", "owned", "raw", "store")
+    __slots__ = ("live", "loop", "owned", "raw", "store")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop | None, raw: AsyncStore, store: AsyncStore, owned: bool
-    ) -> None:
+    def __init__(self, loop: Any, raw: AsyncStore, store: AsyncStore, owned: bool) -> None:
         self.loop = loop
         self.raw = raw  # what we close: an instrument wrapper need not forward close()
         self.store = store  # what calls use
         self.owned = owned
+        self.live = True  # False once closed or abandoned: no thread may use it any more
+
+
+class _NoLoop:
+    _thread_id = None  # as a BaseEventLoop that is not running
+
+
+_NO_ENTRY = _Entry(_NoLoop(), cast(AsyncStore, None), cast(AsyncStore, None), owned=False)
+_NO_ENTRY.live = False  # never usable: a lookup that finds it opens a store
 
 
 class Stores:
@@ -67,7 +74,7 @@ class Stores:
         "_loops",
         "_opened",
         "_options",
-        "last",
+        "hot",
         "sync",
         "url",
     )
@@ -94,8 +101,8 @@ class Stores:
         #: the sync store to use, or None: the hot path reads it, ``sync_store()`` fills it
         self.sync: Store | None = self._given
         self._opened: Store | None = None
-        #: (loop, its store): the last lookup, one tuple so threads never see half of it
-        self.last: tuple[object, AsyncStore] = (_NO_LOOP, cast(AsyncStore, None))
+        #: the last entry looked up: the hot path's shortcut (see ``async_store``)
+        self.hot: _Entry = _NO_ENTRY
         self._loops: dict[asyncio.AbstractEventLoop | None, _Entry] = {}
         self._lock = threading.Lock()
         _process.reset_in_child(self)
@@ -132,22 +139,29 @@ class Stores:
     # -- async -----------------------------------------------------------------------------
 
     def async_store(self) -> AsyncStore:
-        """The running loop's async store, opened on first use inside it."""
-        loop = running_loop()
-        last = self.last
-        if last[0] is loop:
-            return last[1]
-        with self._lock:
-            entry = self._loops.get(loop)
-            if entry is None:
-                self._abandon_closed_loops()
-                entry = self._open_async(loop)
-                self._loops[loop] = entry
-            # A store that works outside any loop (given, in-process) serves without one; a
-            # loop-bound one cannot be shared by whichever loops come next.
-            if loop is not None:
-                self.last = (loop, entry.store)
+        """The running loop's async store, opened on first use inside it.
+
+        The shortcut: asyncio's loops record the thread running them (``_thread_id``, None
+        once stopped), and a thread runs one loop at a time; so when the last entry's loop
+        runs on this thread, it is the running loop. One attribute read and ``get_ident()``
+        instead of ``get_running_loop()`` (a system call on Python 3.11). Loops without
+        ``_thread_id`` (uvloop) take the lookup every time.
+        """
+        entry = self.hot
+        if entry.loop._thread_id == this_thread() and entry.live:
             return entry.store
+        loop = running_loop()
+        entry = self._loops.get(loop, _NO_ENTRY)  # a dict read needs no lock
+        if not entry.live:
+            with self._lock:
+                entry = self._loops.get(loop, _NO_ENTRY)
+                if not entry.live:
+                    self._abandon_closed_loops()
+                    entry = self._open_async(loop)
+                    self._loops[loop] = entry
+        if loop is not None and getattr(loop, "_thread_id", None) is not None:
+            self.hot = entry  # one reference: other threads see the old entry or this one
+        return entry.store
 
     def _open_async(self, loop: asyncio.AbstractEventLoop | None) -> _Entry:
         if self._agiven is not None:
@@ -177,19 +191,18 @@ class Stores:
 
     def _abandon_closed_loops(self) -> None:
         """Forget the stores of loops that have closed: nothing can await their close()."""
-        dead = [loop for loop in self._loops if loop is not None and loop.is_closed()]
-        for loop in dead:
-            del self._loops[loop]
-        if dead and self.last[0] in dead:
-            self.last = (_NO_LOOP, cast(AsyncStore, None))
+        for loop, entry in list(self._loops.items()):
+            if loop is not None and loop.is_closed():
+                entry.live = False
+                del self._loops[loop]
 
     async def aclose(self) -> None:
         """Close the running loop's store (if we opened it) and forget closed loops' ones."""
         loop = running_loop()
         with self._lock:
             entry = self._loops.pop(loop, None)
-            if self.last[0] is loop:
-                self.last = (_NO_LOOP, cast(AsyncStore, None))
+            if entry is not None:
+                entry.live = False  # every thread's shortcut to it is now a miss
             self._abandon_closed_loops()
         if entry is not None and entry.owned:
             await entry.raw.close()
@@ -202,9 +215,6 @@ class Stores:
             return self.sync
         if self._agiven is not None:
             return self._agiven
-        last = self.last[1]
-        if last is not None:
-            return last
         entries = list(self._loops.values())
         return entries[0].store if entries else None
 
@@ -214,6 +224,6 @@ class Stores:
         # does not exist here. The same rule for in-process stores: the child starts empty.
         self._lock = threading.Lock()
         self._loops = {}
-        self.last = (_NO_LOOP, cast(AsyncStore, None))
+        self.hot = _NO_ENTRY
         self._opened = None
         self.sync = self._given
