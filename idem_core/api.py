@@ -17,8 +17,8 @@ from .codec import ResultCodec
 from .errors import ConfigurationError, KeyMissing, StoreUnavailable
 from .events import Emitter, EventHook, EventKind
 from .keys import fingerprint, full_key
-from .local_cache import LocalCache
 from .lifetimes import Stores, this_thread
+from .local_cache import LocalCache
 from .record import ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .store import AsyncStore, Store
 

@@ -93,11 +93,9 @@ class Stores:
         self._client = client
         self._options = options
         self._instrument = instrument
-        self._in_process = url is not None and bool(
-            getattr(backend_for(url), "in_process", False)
-        )
-        self._given = self._wrap(store) if store is not None else None
-        self._agiven = self._wrap(astore) if astore is not None else None
+        self._in_process = url is not None and bool(getattr(backend_for(url), "in_process", False))
+        self._given: Store | None = self._wrap(store) if store is not None else None
+        self._agiven: AsyncStore | None = self._wrap(astore) if astore is not None else None
         #: the sync store to use, or None: the hot path reads it, ``sync_store()`` fills it
         self.sync: Store | None = self._given
         self._opened: Store | None = None

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from idem_core.memory import AsyncMemoryStore, MemoryStore
 from idem_core.registry import register
 
@@ -67,15 +65,8 @@ class Tracked:
         return store
 
 
-@pytest.fixture
-def tracked() -> Tracked:
-    backend = Tracked()
-    register("tracked", backend)
-    return backend
-
-
-@pytest.fixture
-def tracked() -> Tracked:
+def install() -> Tracked:
+    """A fresh ``tracked://`` backend, registered (each test gets its own)."""
     backend = Tracked()
     register("tracked", backend)
     return backend

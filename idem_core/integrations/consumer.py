@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import ConfigurationError, KeyMissing

@@ -17,8 +17,8 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
 
 import pytest
 
@@ -113,11 +113,12 @@ def _many_loops(store_url: str, key: str) -> None:
     idem = Idempotency.from_url(store_url, namespace=f"loops{uuid.uuid4().hex[:8]}")
     runs: list[str] = []
 
-    @idem.idempotent(key="k")
-    async def handler(k: str) -> str:
+    async def run(k: str) -> str:
         runs.append(k)
         await asyncio.sleep(0)
         return f"done {k}"
+
+    handler = cast(Callable[[str], Coroutine[Any, Any, str]], idem.idempotent(key="k")(run))
 
     assert asyncio.run(handler(key)) == f"done {key}"
     assert asyncio.run(handler(key)) == f"done {key}"  # a new loop: replayed

@@ -111,8 +111,10 @@ def durable_redis(tmp_path: Path) -> Iterator[int]:
         server_missing("redis-server", "not installed (apt-get install redis-server)")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)]
-        + ["--appendonly", "yes", "--save", ""],
+        [
+            *(binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)),
+            *("--appendonly", "yes", "--save", ""),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -171,9 +173,7 @@ def test_dynamodb_problems_set_the_exit_code(moto: str) -> None:
     # Made by hand, without TTL: expired records would stay forever. Before: listed, exit 0.
     proc = idem("check", url)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert any(
-        line.startswith("PROBLEM: TTL is") for line in proc.stdout.splitlines()
-    ), proc.stdout
+    assert any(line.startswith("PROBLEM: TTL is") for line in proc.stdout.splitlines()), proc.stdout
     assert idem("setup", url).returncode == 0
     proc = idem("check", url)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,12 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tracked_backend import Tracked, install
 
 from idem_core import AlreadyInProgress, ConfigurationError, EventKind, Idempotency
 from idem_core.memory import AsyncMemoryStore, MemoryStore
 from idem_core.testing import assert_idempotent
-from tracked_backend import Tracked as _Tracked
-from tracked_backend import tracked  # noqa: F401  (fixture)
+
+
+@pytest.fixture
+def tracked() -> Tracked:
+    return install()
 
 
 def _counting(idem: Idempotency, scope: str = "handler") -> tuple[list[str], Any]:
@@ -42,7 +46,7 @@ def _counting(idem: Idempotency, scope: str = "handler") -> tuple[list[str], Any
 # -- one async store per event loop ----------------------------------------------------------
 
 
-def test_each_event_loop_gets_a_store_of_its_own(tracked: _Tracked) -> None:
+def test_each_event_loop_gets_a_store_of_its_own(tracked: Tracked) -> None:
     idem = Idempotency.from_url("tracked://", namespace="loops")
     runs, handler = _counting(idem)
 
@@ -64,7 +68,7 @@ def test_each_event_loop_gets_a_store_of_its_own(tracked: _Tracked) -> None:
     assert tracked.closed == []
 
 
-def test_threads_with_loops_of_their_own_share_the_records(tracked: _Tracked) -> None:
+def test_threads_with_loops_of_their_own_share_the_records(tracked: Tracked) -> None:
     idem = Idempotency.from_url("tracked://", namespace="threads")
     runs, handler = _counting(idem)
     barrier = threading.Barrier(4)
@@ -95,7 +99,7 @@ def test_threads_with_loops_of_their_own_share_the_records(tracked: _Tracked) ->
     assert len({id(s.loop) for s in tracked.opened}) == len(tracked.opened) == 4
 
 
-def test_aclose_closes_the_running_loops_store_only(tracked: _Tracked) -> None:
+def test_aclose_closes_the_running_loops_store_only(tracked: Tracked) -> None:
     idem = Idempotency.from_url("tracked://", namespace="aclose")
     runs, handler = _counting(idem)
     asyncio.run(handler("a"))  # loop 1: its store is abandoned when the loop closes
@@ -105,8 +109,7 @@ def test_aclose_closes_the_running_loops_store_only(tracked: _Tracked) -> None:
         async def main() -> None:
             await handler("b")
             other_loop_ready.set()
-            while not finish.is_set():
-                await asyncio.sleep(0.01)
+            await asyncio.to_thread(finish.wait, 10)  # this loop stays open meanwhile
             assert await handler("b") == "done b"  # still open: only its own loop closes it
 
         asyncio.run(main())
@@ -127,7 +130,7 @@ def test_aclose_closes_the_running_loops_store_only(tracked: _Tracked) -> None:
     assert runs == ["a", "b", "c"]
 
 
-def test_closed_is_not_finished_and_async_with_closes(tracked: _Tracked) -> None:
+def test_closed_is_not_finished_and_async_with_closes(tracked: Tracked) -> None:
     idem = Idempotency.from_url("tracked://", namespace="reopen")
     runs, handler = _counting(idem)
 
@@ -185,7 +188,7 @@ def test_given_stores_are_used_as_they_are_and_never_closed() -> None:
         idem.store  # noqa: B018
 
 
-def test_an_opened_async_store_needs_a_running_loop(tracked: _Tracked) -> None:
+def test_an_opened_async_store_needs_a_running_loop(tracked: Tracked) -> None:
     idem = Idempotency.from_url("tracked://", namespace="noloop")
     with pytest.raises(ConfigurationError, match="event loop"):
         idem.astore  # noqa: B018
@@ -245,7 +248,7 @@ def _child(idem: Idempotency, q: Any) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_drops_the_parents_stores_unclosed(tracked: _Tracked) -> None:
+def test_a_forked_child_drops_the_parents_stores_unclosed(tracked: Tracked) -> None:
     idem = Idempotency.from_url("tracked://", namespace="fork")
     parent = idem.store
     lock = idem._stores._lock

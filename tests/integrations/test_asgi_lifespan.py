@@ -12,10 +12,15 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
-from tracked_backend import Tracked, tracked  # noqa: F401  (fixture)
+from tracked_backend import Tracked, install
 
 from idem_core import Idempotency
 from idem_core.integrations.asgi import IdempotencyMiddleware
+
+
+@pytest.fixture
+def tracked() -> Tracked:
+    return install()
 
 
 def app_with_lifespan(idem: Idempotency, log: list[str]) -> FastAPI:

@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 from support import port_open, server_missing
 
-from idem_core import AlreadyInProgress, ConfigurationError, Idempotency, KeyMissing, PayloadMismatch
+from idem_core import (
+    AlreadyInProgress,
+    ConfigurationError,
+    Idempotency,
+    KeyMissing,
+    PayloadMismatch,
+)
 
 RABBIT = ("127.0.0.1", 5672)
 
