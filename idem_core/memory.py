@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +31,15 @@ from .registry import url_options
 
 _named: dict[str, MemoryStore] = {}
 _named_lock = threading.Lock()
+
+
+def _new_named_lock() -> None:
+    # A thread of the parent may have held it at the fork: the child would wait forever.
+    global _named_lock
+    _named_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_named_lock)
 
 
 class MemoryStore:

@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 import uuid
+from typing import Any
 
 from idem_core import ClaimOutcome, ClaimRequest
 from idem_core.memory import BACKEND, AsyncMemoryStore, MemoryStore
@@ -131,3 +132,21 @@ def test_completed_keys_do_not_pile_up_as_eviction_candidates() -> None:
         fence = store.claim(req).fence
         store.complete(f"k{i}", fence, b"r", 0.000001)
     assert len(store._ended) <= 2
+
+
+def _claim_in_child(store: MemoryStore, q: Any) -> None:
+    q.put(store.claim(request("in-child")).outcome.value)
+
+
+def test_a_forked_child_is_not_stuck_on_a_lock_held_at_the_fork() -> None:
+    import multiprocessing
+
+    store = MemoryStore()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    with store._lock:  # as if another thread were inside a claim at the moment of the fork
+        p = ctx.Process(target=_claim_in_child, args=(store, q))
+        p.start()
+        outcome = q.get(timeout=10)
+        p.join(10)
+    assert outcome == "claimed"
