@@ -7,9 +7,7 @@ import functools
 import inspect
 import itertools
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
 
@@ -20,8 +18,9 @@ from .codec import ResultCodec
 from .errors import ConfigurationError, StoreUnavailable
 from .events import Emitter, EventHook, EventKind
 from .keys import RawKey, encode_key, fingerprint, full_key, prefix
-from .record import MICROS, ClaimOutcome, ClaimRequest, ClaimResult, Record
-from .registry import open_async_store, open_store
+from .lifetimes import Stores, this_thread
+from .local_cache import LocalCache
+from .record import ClaimOutcome, ClaimRequest, ClaimResult, Record
 from .results import Unresolved, return_type
 from .store import AsyncStore, Store
 
@@ -49,14 +48,9 @@ def _attempt_id() -> str:
 _process_tag = os.urandom(6).hex()
 
 
-#: bumped in every forked child, so stores opened before the fork are reopened after it
-_generation = [0]
-
-
 def _new_process_tag() -> None:
     global _process_tag
     _process_tag = os.urandom(6).hex()
-    _generation[0] += 1
 
 
 os.register_at_fork(after_in_child=_new_process_tag)
@@ -84,8 +78,12 @@ class CallSettings(TypedDict, total=False):
 class Idempotency:
     """Makes functions and blocks idempotent on one store, for sync and async code alike.
 
-    ``store``/``astore`` are ready stores (never closed by us); ``url`` opens stores lazily,
-    one per process, so a forked worker never shares its parent's connections.
+    ``store``/``astore`` are ready stores (never closed by us; a given async store is used
+    from every event loop as it is). ``url`` opens stores lazily: one sync store per process
+    and one async store per event loop, so a forked worker never shares its parent's
+    connections and each ``asyncio.run()`` gets connections of its own (see
+    :mod:`idem_core.lifetimes`). ``close()``/``aclose()`` release them; the object stays
+    usable and reopens on the next call.
     """
 
     def __init__(
@@ -124,18 +122,18 @@ class Idempotency:
         self.retries = validate.count("retries", retries, validate.MAX_RETRIES)
         local_cache = validate.count("local_cache", local_cache)
         hooks: list[EventHook] = validate.hooks("on_event", on_event)
-        self._client = client
-        self._store_options = store_options or {}
         #: applied to every store this object uses (e.g. metrics around each operation)
         self.instrument = instrument
-        self._store = instrument(store) if instrument and store is not None else store
-        self._astore = instrument(astore) if instrument and astore is not None else astore
-        self._owned: list[Store] = []
-        self._aowned: list[AsyncStore] = []
-        self._gen = self._agen = _generation[0]
-        self._lock = threading.Lock()
+        self._stores = Stores(
+            store=store,
+            astore=astore,
+            url=url,
+            client=client,
+            options=store_options or {},
+            instrument=instrument,
+        )
         self._emit = Emitter(namespace, hooks)
-        self._cache: _LocalCache | None = _LocalCache(local_cache) if local_cache else None
+        self._cache: LocalCache | None = LocalCache(local_cache) if local_cache else None
 
     @classmethod
     def from_url(
@@ -177,64 +175,44 @@ class Idempotency:
 
     @property
     def store(self) -> Store:
-        store = self._store
-        if store is not None and (self._gen == _generation[0] or self.url is None):
-            return store
-        with self._lock:
-            if self._store is None or (self.url is not None and self._gen != _generation[0]):
-                if self.url is None:
-                    raise ConfigurationError("this Idempotency was given only an async store")
-                self._store = open_store(self.url, client=self._client, **self._store_options)
-                if self.instrument is not None:
-                    self._store = self.instrument(self._store)
-                self._gen = _generation[0]
-                self._owned.append(self._store)
-            return self._store
+        """The sync store: the one given, or this process's, opened on first use."""
+        return self._stores.sync_store()
 
     @property
     def astore(self) -> AsyncStore:
-        astore = self._astore
-        if astore is not None and (self._agen == _generation[0] or self.url is None):
-            return astore
-        if self._store is None and self.url is not None and _in_process(self.url):
-            self.store  # noqa: B018  (in-process data: the async side shares the sync records)
-        with self._lock:
-            if self._astore is None or (self.url is not None and self._agen != _generation[0]):
-                twin = getattr(self._store, "async_twin", None)
-                if twin is not None:
-                    self._astore = cast(AsyncStore, twin())
-                elif self.url is not None:
-                    self._astore = open_async_store(
-                        self.url, client=self._client, **self._store_options
-                    )
-                    self._aowned.append(self._astore)
-                else:
-                    raise ConfigurationError("this Idempotency was given only a sync store")
-                if self.instrument is not None:
-                    self._astore = self.instrument(self._astore)
-                self._agen = _generation[0]
-            return self._astore
+        """The async store of the running event loop: the one given, or one opened on first
+        use inside this loop (see :mod:`idem_core.lifetimes`)."""
+        return self._stores.async_store()
 
     def close(self) -> None:
-        """Close the sync stores this object opened (never ones it was given)."""
-        while self._owned:
-            self._owned.pop().close()
-        if self.url is not None:
-            self._store = None
+        """Close the sync store this object opened (never one it was given). Records are
+        kept; the next sync call opens a new store."""
+        self._stores.close()
 
     async def aclose(self) -> None:
-        while self._aowned:
-            await self._aowned.pop().close()
-        if self.url is not None:
-            self._astore = None
+        """Close the async store this object opened for the running event loop (never one
+        it was given), and forget those of loops that have closed. The sync store stays
+        open: call :meth:`close` for it."""
+        await self._stores.aclose()
+
+    def __enter__(self) -> Idempotency:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Idempotency:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     # -- keys -----------------------------------------------------------------------------
 
     def key_for(self, raw: object, scope: str = "", max_length: int | None = None) -> str:
         """The stored key for a raw idempotency key (a string, or a tuple of strings)."""
         if max_length is None:
-            store = self._store if self._store is not None else self._astore
+            store = self._stores.any_store()
             max_length = store.max_key_length if store is not None else 255
         elif isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 80:
             raise ConfigurationError(f"max_length must be an int >= 80, got {max_length!r}")
@@ -500,7 +478,7 @@ class Idempotency:
                 encode_key(head, namespace, raw, limit), fp, _attempt_id(), lease_s, ttl_s
             )
 
-        emit, decode = self._emit, opts.codec.decode
+        emit, decode, stores = self._emit, opts.codec.decode, self._stores
 
         if inspect.iscoroutinefunction(func):
             afunc = cast(Callable[..., Awaitable[Any]], func)
@@ -509,7 +487,11 @@ class Idempotency:
             async def awrapper(*args: Any, **kwargs: Any) -> Any:
                 if codec.pending is not None:
                     codec.ready()
-                store = self.astore
+                entry = stores.hot  # see Stores.async_store
+                if entry.loop._thread_id == this_thread() and entry.live:
+                    store = entry.store
+                else:
+                    store = stores.async_store()
                 if get_conn is not None:
                     store = _bind(store, get_conn(bind(args, kwargs)))
                 call = AsyncCall(self, store, prepare(args, kwargs, store.max_key_length), opts)
@@ -530,9 +512,9 @@ class Idempotency:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if codec.pending is not None:
                 codec.ready()
-            store = self._store
-            if store is None or self._gen != _generation[0]:
-                store = self.store
+            store = stores.sync
+            if store is None:
+                store = stores.sync_store()
             if get_conn is not None:
                 store = _bind(store, get_conn(bind(args, kwargs)))
             req = prepare(args, kwargs, store.max_key_length)
@@ -606,12 +588,6 @@ def _scope(scope: object) -> str:
     raise ConfigurationError(f"scope must be a string, got {scope!r}")
 
 
-def _in_process(url: str) -> bool:
-    from .registry import backend_for
-
-    return bool(getattr(backend_for(url), "in_process", False))
-
-
 def _bind(store: Any, connection: Any) -> Any:
     bind = getattr(store, "bind", None)
     if bind is None:
@@ -627,34 +603,3 @@ def _return_type(func: Callable[..., Any]) -> Any:
         return return_type(func)
     except NameError:
         return Unresolved(func)
-
-
-class _LocalCache:
-    """A per-process LRU of completed records, so a hot replay costs no round trip."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[str, Record] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def put(self, key: str, record: Record) -> None:
-        with self._lock:
-            self._items[key] = record
-            self._items.move_to_end(key)
-            if len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def get(self, key: str, fp: str) -> Record | None:
-        with self._lock:
-            rec = self._items.get(key)
-            if rec is None:
-                return None
-            # Judged by this process's clock: a cache entry never outlives its record by more
-            # than the skew between this machine and the store.
-            if rec.expires_at <= time.time() * MICROS:
-                del self._items[key]
-                return None
-            if rec.fingerprint != fp:
-                return None  # the store decides: it reports the mismatch
-            self._items.move_to_end(key)
-            return rec

@@ -165,6 +165,11 @@ class _Steps:
             return True
         raise AlreadyInProgress(self.key, res.record)
 
+    def _replay_cached(self, record: Record) -> None:
+        """A local-cache hit: a replay like the store's, and reported like one."""
+        self.outcome, self._record, self._done = _O_COMPLETED, record, True
+        self.idem._emit(_E_REPLAYED, self.key, self.opts.function, record.fence)
+
     def adopt(self, res: ClaimResult) -> None:
         """Take a claim made elsewhere (a batch) without raising: inspect ``outcome``."""
         with contextlib.suppress(AlreadyInProgress, PayloadMismatch):
@@ -259,7 +264,7 @@ class Call(_Steps):
         if self.idem._cache is not None:
             cached = self.idem._recall(self.request)
             if cached is not None:
-                self.outcome, self._record, self._done = _O_COMPLETED, cached, True
+                self._replay_cached(cached)
                 return self
         try:
             if isinstance(first, ClaimResult):
@@ -452,7 +457,7 @@ class AsyncCall(_Steps):
     async def enter(self) -> AsyncCall:
         cached = self.idem._recall(self.request)
         if cached is not None:
-            self.outcome, self._record, self._done = _O_COMPLETED, cached, True
+            self._replay_cached(cached)
             return self
         try:
             res = await self.idem._aretry(self._store.claim, self.request)

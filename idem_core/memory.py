@@ -3,25 +3,43 @@
 Thread-safe (one lock around each transition) and asyncio-safe (no awaits while it is held).
 Every operation is O(1): expired records are dropped when touched, and each write also looks
 at the few least recently written records, so memory does not grow with dead keys.
+
+``max_size`` bounds the records kept *after* their call: only a completed, released or
+expired record (or one whose lease has lapsed, which any claim may take over) is ever
+evicted, oldest first. A record in progress is never evicted, since its key would be free
+and a duplicate would run beside the first call: when every record is in progress, the store
+holds more than ``max_size`` (at most the number of calls running at once) until they end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import machine
+from . import _process, machine
 from .clock import Clock, system_clock
 from .errors import ConfigurationError
-from .record import MICROS, ClaimRequest, ClaimResult, Record
+from .record import MICROS, ClaimRequest, ClaimResult, Record, Status
 from .registry import url_options
 
 _named: dict[str, MemoryStore] = {}
 _named_lock = threading.Lock()
+
+
+def _new_named_lock() -> None:
+    # A thread of the parent may have held it at the fork: the child would wait forever.
+    global _named_lock
+    _named_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_named_lock)
 
 
 class MemoryStore:
@@ -40,6 +58,16 @@ class MemoryStore:
         self._changed = threading.Condition(self._lock)
         self._waiting = 0  # sync waiters; writes notify only when there are some
         self._last_fence = 0
+        #: keys whose call ended (completed or released), oldest first: eviction candidates
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        _process.reset_in_child(self)
+
+    def _after_fork_in_child(self) -> None:
+        # The child keeps its copy of the records; the lock may have been held by a thread
+        # that does not exist in the child.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
 
     def __len__(self) -> int:
         return len(self._records)
@@ -51,8 +79,26 @@ class MemoryStore:
         oldest = next(iter(records.values()))
         if oldest.expires_at <= now and oldest is not record:
             del records[oldest.key]
+            self._ended.pop(oldest.key, None)
         if self._max_size is not None and len(records) > self._max_size:
-            del records[next(iter(records))]
+            self._evict(now)
+
+    def _evict(self, now: int) -> None:
+        """Drop one record whose call is over, if there is one (the lock is held)."""
+        records, ended = self._records, self._ended
+        while ended:
+            key, _ = ended.popitem(last=False)
+            rec = records.get(key)
+            # Checked again: the key may have been claimed anew since its call ended.
+            if rec is not None and _evictable(rec, now):
+                del records[key]
+                return
+        # No ended call: a record nobody holds any more (lapsed lease, expired) may go, seen
+        # among the oldest few only, so a claim stays O(1).
+        for key, rec in list(itertools.islice(records.items(), 8)):
+            if _evictable(rec, now):
+                del records[key]
+                return
 
     def _live(self, key: str, now: int) -> Record | None:
         rec = self._records.get(key)
@@ -96,6 +142,8 @@ class MemoryStore:
                 assert current is not None
                 rec = machine.completed(current, result, ttl, now)
                 self._records[key] = rec
+                if self._max_size is not None:
+                    self._ended[key] = None
                 if self._waiting:
                     self._changed.notify_all()
                 return rec
@@ -108,6 +156,8 @@ class MemoryStore:
             if machine.holds(current, fence, now):
                 assert current is not None
                 self._records[key] = machine.released(current, now)
+                if self._max_size is not None:
+                    self._ended[key] = None
                 self._changed_now()
                 return
             machine.after_failed_release(current, key, fence, now)
@@ -130,6 +180,7 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         with self._lock:
             self._records.pop(key, None)
+            self._ended.pop(key, None)
             self._changed_now()
 
     def _changed_now(self) -> None:
@@ -171,6 +222,12 @@ class MemoryStore:
     def async_twin(self) -> AsyncMemoryStore:
         """An asyncio view of the same records."""
         return AsyncMemoryStore(self)
+
+
+def _evictable(rec: Record, now: int) -> bool:
+    """Whether dropping ``rec`` changes nothing a caller can see, but a replay that is no
+    longer possible: it is completed, or any claim could take it now."""
+    return rec.status is Status.COMPLETED or machine.takeable(rec, now)
 
 
 class AsyncMemoryStore:

@@ -12,6 +12,12 @@ a retry with the same key gets the first response again, byte for byte, with
 * 503: the store cannot be reached (unless the ``Idempotency`` fails open).
 
 Pure ASGI: no framework is imported, so it wraps any ASGI 3 application.
+
+Lifespan: the middleware passes the app's ``lifespan`` messages through unchanged, and once the
+app has answered ``lifespan.shutdown`` it closes the store its ``Idempotency`` opened for the
+server's event loop (``aclose()``) before telling the server. Servers that run no lifespan
+(``uvicorn --lifespan off``), or an app that fails its lifespan, leave the store to the process
+exit; call ``await idem.aclose()`` from your own shutdown code then.
 """
 
 from __future__ import annotations
@@ -97,6 +103,8 @@ class IdempotencyMiddleware:
     :param fingerprint_headers: request headers that are part of the fingerprint besides
         method, path, query and body (e.g. ``("content-type",)``).
     :param header: the header's name.
+    :param close_on_shutdown: ``await idem.aclose()`` when the server shuts the app down
+        (the ASGI lifespan), after the app's own shutdown has run.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class IdempotencyMiddleware:
         max_body_bytes: int = 16 * 1024 * 1024,
         fingerprint_headers: Sequence[str] = (),
         header: str = "Idempotency-Key",
+        close_on_shutdown: bool = True,
     ) -> None:
         if on_in_progress not in ("reject", "wait"):
             raise ValueError("on_in_progress must be 'reject' or 'wait'")
@@ -140,6 +149,7 @@ class IdempotencyMiddleware:
         self.fingerprint_headers = [h.lower().encode("latin-1") for h in fingerprint_headers]
         self.header = header
         self._header = header.lower().encode("latin-1")
+        self.close_on_shutdown = close_on_shutdown
 
     # -- selection ------------------------------------------------------------------------
 
@@ -155,6 +165,9 @@ class IdempotencyMiddleware:
         return any(fnmatchcase(path, pattern) for pattern in routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.close_on_shutdown:
+            await self._lifespan(scope, receive, send)
+            return
         if not self.applies(scope):
             await self.app(scope, receive, send)
             return
@@ -182,6 +195,20 @@ class IdempotencyMiddleware:
             return
         identity = await self._identity(scope)
         await self._run(scope, receive, send, key, identity, body)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The app's lifespan, untouched, with the store closed once the app has shut down
+        (its shutdown code may still use it)."""
+
+        async def on_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    await self.idem.aclose()
+                except Exception:
+                    logger.warning("could not close the idempotency store", exc_info=True)
+            await send(message)
+
+        await self.app(scope, receive, on_send)
 
     # -- the idempotent run ---------------------------------------------------------------
 

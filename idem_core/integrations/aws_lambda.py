@@ -102,12 +102,17 @@ def _functions(jmespath: Any) -> Any:
 
 
 def _missing(data: Any) -> bool:
-    # As Powertools: None, or a list/dict/string with nothing in it (e.g. [None, None]).
+    """None, an empty string/list/dict, or a multiselect with a null part: ``[customer,
+    order_id]`` without ``order_id`` would give every such event of a customer one key, and
+    all but the first would be replayed as duplicates without running. (Powertools treats
+    only an all-null multiselect as missing.)"""
     if data is None:
         return True
     if isinstance(data, list | tuple):
-        return all(v is None for v in data)
-    return isinstance(data, dict | str) and not data
+        return not data or any(v is None for v in data)
+    if isinstance(data, dict):
+        return not data or any(v is None for v in data.values())
+    return isinstance(data, str) and not data
 
 
 def key_of(data: Any) -> str:
@@ -261,14 +266,19 @@ def _item_id(record: Mapping[str, Any]) -> str:
     raise KeyMissing("a batch record has no messageId or sequence number")
 
 
+#: a batch record's own id: SQS ``messageId``; Kinesis and DynamoDB Streams ``eventID``
+#: (``shardId-…:sequence number``)
+RECORD_ID = "messageId || eventID"
+
+
 def batch_handler(
     idem: Idempotency,
     fn: F | None = None,
     *,
-    record_key: str | None = "messageId",
+    record_key: str | None = RECORD_ID,
     payload_key: str | None = None,
     jmespath_options: Mapping[str, Any] | None = None,
-    raise_on_missing_key: bool = False,
+    raise_on_missing_key: bool = True,
     ttl: float | None = None,
     lease: float | None = None,
     result_type: Any = Any,
@@ -283,9 +293,14 @@ def batch_handler(
     ``batchItemFailures`` so the event source retries only those. Enable
     ``ReportBatchItemFailures`` on the event source mapping.
 
-    :param record_key: JMESPath selecting each record's key. The default ``messageId`` covers
-        redeliveries; use e.g. ``powertools_json(body).order_id`` (or ``body.order_id``) to
-        also catch a producer that sent the same message twice.
+    :param record_key: JMESPath selecting each record's key. The default, the record's own
+        id (:data:`RECORD_ID`: SQS ``messageId``, Kinesis/DynamoDB Streams ``eventID``),
+        covers redeliveries; use e.g. ``powertools_json(body).order_id`` (or
+        ``body.order_id``) to also catch a producer that sent the same message twice.
+    :param raise_on_missing_key: a record whose key is missing (or null) is reported in
+        ``batchItemFailures`` without running (default: it comes back, and after
+        ``maxReceiveCount`` goes to the dead-letter queue); ``False`` runs it without
+        idempotency instead.
     """
 
     def decorate(func: F) -> F:

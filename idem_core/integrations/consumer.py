@@ -16,7 +16,16 @@ consumer holds the message right now)        consumer crashes its lease runs out
 raises ``PayloadMismatch`` (the dedup id     **reject without requeue** (dead-letter): it
 was seen with a different payload)           will never succeed
 raises ``StoreUnavailable``                  **nack and requeue**: nothing was applied
+raises ``KeyMissing`` (the message has no    **reject without requeue, to a dead-letter
+dedup id: ``dedup_id`` returned None or      queue**: it was not applied, and a redelivery
+``""``, or failed)                           has no id either. Configure a dead-letter
+                                             exchange, or the broker drops it.
 ==========================================  ===============================================
+
+A message without an id is never keyed ``"None"``: that would make every later id-less
+message an acknowledged "duplicate" that never runs (pika's default ``BasicProperties`` have
+no ``message_id``). It raises ``KeyMissing`` before the handler runs, or, with
+``on_missing_id="run"``, runs without idempotency (at least once: a redelivery runs again).
 
 Ack only after the wrapped handler returns: the record is completed before the ack, so a
 crash between the two only causes a redelivery that is recognised as a duplicate.
@@ -26,20 +35,25 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import ConfigurationError, KeyMissing
 
 if TYPE_CHECKING:
     from ..api import Idempotency
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+logger = logging.getLogger("idem_core.consumer")
+
 
 def consumer(
     idem: Idempotency,
     fn: F | None = None,
     *,
-    dedup_id: Callable[[Any], str],
+    dedup_id: Callable[[Any], str | None],
     payload: Callable[[Any], Any] | None = None,
     ttl: float | None = None,
     lease: float | None = None,
@@ -48,6 +62,7 @@ def consumer(
     wait_timeout: float = 10.0,
     result_type: Any = Any,
     name: str | None = None,
+    on_missing_id: str = "raise",
 ) -> Any:
     """Wrap ``handler(message, *args)`` so each message is applied once per ``dedup_id``.
 
@@ -58,10 +73,31 @@ def consumer(
     :param lease: how long one delivery holds the message before a redelivery may take over;
         make it longer than the handler's slowest run, or use ``renew_every``.
     :param name: the consumer's name in stored keys (default ``module.qualname``).
+    :param on_missing_id: a message whose ``dedup_id`` is None, ``""`` or raises
+        (``KeyError``, ``AttributeError``...): ``"raise"`` :class:`~idem_core.KeyMissing`
+        before the handler runs (default), or ``"run"`` the handler without idempotency.
     """
+    if on_missing_id not in ("raise", "run"):
+        raise ConfigurationError("on_missing_id must be 'raise' or 'run'")
 
     def decorate(func: F) -> F:
         scope = name or f"{func.__module__}.{func.__qualname__}"
+
+        def key_of(message: Any) -> Any:
+            """The message's id (the key under ``scope``), or None to run without idempotency."""
+            cause: BaseException | None = None
+            try:
+                ident = dedup_id(message)
+            except (KeyError, AttributeError, IndexError, TypeError) as exc:
+                why, cause = f"dedup_id failed: {exc!r}", exc
+            else:
+                if ident is not None and ident != "":
+                    return ident
+                why = f"dedup_id returned {ident!r}"
+            if on_missing_id == "run":
+                logger.warning("%s: %s; running without idempotency", scope, why)
+                return None
+            raise KeyMissing(f"{scope}: the message has no dedup id ({why})") from cause
 
         def claim_args(message: Any) -> dict[str, Any]:
             return {
@@ -79,7 +115,9 @@ def consumer(
 
             @functools.wraps(func)
             async def awrapper(message: Any, *args: Any, **kwargs: Any) -> Any:
-                raw = dedup_id(message)
+                raw = key_of(message)
+                if raw is None:
+                    return await func(message, *args, **kwargs)
                 async with idem.aclaim(raw, **claim_args(message)) as call:
                     if call.replayed:
                         return call.result
@@ -92,7 +130,9 @@ def consumer(
 
         @functools.wraps(func)
         def wrapper(message: Any, *args: Any, **kwargs: Any) -> Any:
-            raw = dedup_id(message)
+            raw = key_of(message)
+            if raw is None:
+                return func(message, *args, **kwargs)
             with idem.claim(raw, **claim_args(message)) as call:
                 if call.replayed:
                     return call.result

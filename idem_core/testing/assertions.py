@@ -117,6 +117,12 @@ def _stale_key(events: list[Event]) -> str | None:
     return replays[0] if replays else None
 
 
+def _forget(idem: Idempotency, key: str) -> None:
+    """The record is about to be deleted: this process's local cache must forget it too."""
+    if idem._cache is not None:
+        idem._cache.discard(key)
+
+
 def _check_one_run(events: list[Event], phase: str) -> str:
     runs = _executions(events)
     assert len(runs) == 1, (
@@ -160,6 +166,7 @@ def assert_idempotent(
         first = handler(event, *args, **kwargs)
         stale = _stale_key(events)
         if stale is not None:
+            _forget(idem, stale)
             idem.store.delete(stale)
             events.clear()
             first = handler(event, *args, **kwargs)
@@ -171,6 +178,7 @@ def assert_idempotent(
     assert same(first, second), f"called twice: the replay {second!r} != the result {first!r}"
     log = list(events)
 
+    _forget(idem, key)
     idem.store.delete(key)
     barrier = threading.Barrier(concurrency)
     results: list[Any] = []
@@ -243,6 +251,7 @@ async def aassert_idempotent(
         first = await handler(event, *args, **kwargs)
         stale = _stale_key(events)
         if stale is not None:
+            _forget(idem, stale)
             await idem.astore.delete(stale)
             events.clear()
             first = await handler(event, *args, **kwargs)
@@ -254,6 +263,7 @@ async def aassert_idempotent(
     assert same(first, second), f"called twice: the replay {second!r} != the result {first!r}"
     log = list(events)
 
+    _forget(idem, key)
     await idem.astore.delete(key)
     with recorder.listen() as events:
         outcomes = await asyncio.gather(

@@ -41,6 +41,10 @@ class TestMemoryStoreSystemClock(StoreSuite):
 
 class TestAsyncMemoryStore(AsyncStoreSuite):
     @pytest.fixture
+    def store_url(self) -> str:
+        return "memory://"
+
+    @pytest.fixture
     def advance(self, clock: ManualClock) -> Callable[[float], None]:
         return clock.advance
 

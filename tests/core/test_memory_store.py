@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 import uuid
+from typing import Any
 
 from idem_core import ClaimOutcome, ClaimRequest
 from idem_core.memory import BACKEND, AsyncMemoryStore, MemoryStore
@@ -77,10 +78,75 @@ async def test_async_twin_wakes_without_blocking_the_loop() -> None:
 def test_size_bound_and_named_stores() -> None:
     store = MemoryStore(max_size=3)
     for i in range(10):
-        store.claim(request(f"k{i}"))
+        fence = store.claim(request(f"k{i}")).fence
+        store.complete(f"k{i}", fence, b"r", 600)
     assert len(store) == 3
     assert store.get("k9") is not None and store.get("k0") is None
     shared = f"memory://shared-{uuid.uuid4().hex}"
     assert BACKEND.open(shared) is BACKEND.open(shared)
     assert BACKEND.open("memory://") is not BACKEND.open("memory://")
     assert BACKEND.open("memory://?max_size=2")._max_size == 2
+
+
+def test_size_bound_never_evicts_a_call_in_progress() -> None:
+    store = BACKEND.open("memory://?max_size=2")
+    held = [store.claim(request(f"busy{i}")) for i in range(3)]
+    # Full of calls in progress: the bound is exceeded rather than a key freed under a
+    # running call (today the oldest is dropped, and its duplicate runs beside it).
+    assert len(store) == 3
+    for i in range(3):
+        assert store.claim(request(f"busy{i}")).outcome is ClaimOutcome.IN_PROGRESS
+    # Ended calls are evicted first, oldest first; released ones count as ended.
+    store.complete("busy0", held[0].fence, b"r", 600)
+    store.release("busy1", held[1].fence)
+    fresh = store.claim(request("fresh"))
+    assert len(store) == 3
+    assert store.get("busy0") is None
+    assert store.get("busy1") is not None and store.get("busy2") is not None
+    store.claim(request("fresh2"))
+    assert store.get("busy1") is None
+    assert store.claim(request("busy2")).outcome is ClaimOutcome.IN_PROGRESS
+    assert store.claim(request("fresh")).outcome is ClaimOutcome.IN_PROGRESS
+    store.complete("fresh", fresh.fence, b"r", 600)
+    store.claim(request("fresh3"))
+    assert store.get("fresh") is None  # the only ended call goes
+    assert len(store) == 3
+
+
+def test_size_bound_evicts_lapsed_leases_when_no_call_has_ended() -> None:
+    store = MemoryStore(max_size=2)
+    store.claim(ClaimRequest("lapsed", "f" * 32, "a", 0.01, 600.0))
+    store.claim(request("live"))
+    time.sleep(0.02)
+    store.claim(request("new"))
+    # The lapsed lease could be taken over by any claim: dropping it frees nothing new.
+    assert store.get("lapsed") is None
+    assert store.claim(request("live")).outcome is ClaimOutcome.IN_PROGRESS
+    assert len(store) == 2
+
+
+def test_completed_keys_do_not_pile_up_as_eviction_candidates() -> None:
+    store = MemoryStore(max_size=1000)
+    for i in range(5000):
+        req = ClaimRequest(f"k{i}", "f" * 32, "a", 60.0, 0.000001)  # expires at once
+        fence = store.claim(req).fence
+        store.complete(f"k{i}", fence, b"r", 0.000001)
+    assert len(store._ended) <= 2
+
+
+def _claim_in_child(store: MemoryStore, q: Any) -> None:
+    q.put(store.claim(request("in-child")).outcome.value)
+
+
+def test_a_forked_child_is_not_stuck_on_a_lock_held_at_the_fork() -> None:
+    import multiprocessing
+
+    store = MemoryStore()
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    with store._lock:  # as if another thread were inside a claim at the moment of the fork
+        p = ctx.Process(target=_claim_in_child, args=(store, q))
+        p.start()
+        outcome = q.get(timeout=10)
+        p.join(10)
+    assert outcome == "claimed"

@@ -41,6 +41,10 @@ class TestDynamoDBStore(StoreSuite):
 
 class TestAsyncDynamoDBStore(AsyncStoreSuite):
     @pytest.fixture
+    def store_url(self, server: Server) -> str:
+        return server.url(skew=0)
+
+    @pytest.fixture
     def advance(self, clock: ManualClock) -> Callable[[float], None]:
         return clock.advance
 

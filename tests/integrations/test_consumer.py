@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -13,7 +14,13 @@ from typing import Any
 import pytest
 from support import port_open, server_missing
 
-from idem_core import AlreadyInProgress, Idempotency, PayloadMismatch
+from idem_core import (
+    AlreadyInProgress,
+    ConfigurationError,
+    Idempotency,
+    KeyMissing,
+    PayloadMismatch,
+)
 
 RABBIT = ("127.0.0.1", 5672)
 
@@ -195,3 +202,117 @@ def test_rabbitmq_consumers_apply_each_message_once(rabbit_queue: str, redis_url
         idem.close()
     assert applied == dict.fromkeys(ids, 1)
     assert ledger == expected
+
+
+# -- messages without an id ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", [None, "", KeyError("id")])
+def test_a_message_without_an_id_is_refused_not_keyed_none(
+    memory_idem: Idempotency, missing: Any
+) -> None:
+    applied: list[str] = []
+
+    def dedup(message: dict[str, Any]) -> Any:
+        if isinstance(missing, Exception):
+            raise missing
+        return missing
+
+    @memory_idem.consumer(dedup_id=dedup)
+    def apply(message: dict[str, Any]) -> str:
+        applied.append(message["body"])
+        return message["body"]
+
+    @memory_idem.consumer(dedup_id=dedup)
+    async def aapply(message: dict[str, Any]) -> str:
+        applied.append(message["body"])
+        return message["body"]
+
+    for body in ("first", "second"):
+        with pytest.raises(KeyMissing, match="no dedup id"):
+            apply({"body": body})
+        with pytest.raises(KeyMissing, match="no dedup id"):
+            asyncio.run(aapply({"body": body}))
+    assert applied == []  # refused before the handler runs: nothing applied, nothing acked
+
+
+def test_on_missing_id_run_processes_without_idempotency(memory_idem: Idempotency) -> None:
+    applied: list[str] = []
+
+    @memory_idem.consumer(dedup_id=lambda m: m.get("id"), on_missing_id="run")
+    def apply(message: dict[str, Any]) -> str:
+        applied.append(message["body"])
+        return message["body"]
+
+    assert [apply({"body": "a"}), apply({"body": "b"}), apply({"body": "a"})] == ["a", "b", "a"]
+    assert apply({"id": "x", "body": "c"}) == apply({"id": "x", "body": "c"})
+    assert applied == ["a", "b", "a", "c"]
+    with pytest.raises(ConfigurationError):
+        memory_idem.consumer(dedup_id=lambda m: m, on_missing_id="skip")
+
+
+def test_rabbitmq_messages_without_message_id_are_never_lost(
+    rabbit_queue: str, redis_url: str
+) -> None:
+    """pika's default ``BasicProperties`` carry no ``message_id``: before, the first such
+    message was applied under the key ``"None"`` and every later one was acknowledged as its
+    duplicate without running. Now each is refused (``KeyMissing``) and dead-lettered, and
+    ``on_missing_id="run"`` applies every one of them."""
+    import pika
+
+    idem = Idempotency.from_url(redis_url, namespace=f"t{uuid.uuid4().hex[:12]}", lease=5)
+    dead = f"{rabbit_queue}-dead"
+    conn = pika.BlockingConnection(pika.ConnectionParameters(*RABBIT))
+    channel = conn.channel()
+    channel.queue_declare(dead, durable=False)
+    work = f"{rabbit_queue}-work"
+    channel.queue_declare(
+        work,
+        durable=False,
+        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead},
+    )
+    try:
+        for mode in ("raise", "run"):
+            applied: list[bytes] = []
+
+            options = {} if mode == "raise" else {"on_missing_id": "run"}  # default: raise
+
+            @idem.consumer(dedup_id=lambda props: props.message_id, **options)
+            def handle(props: Any, body: bytes, applied: list[bytes] = applied) -> None:
+                applied.append(body)
+
+            bodies = [f"{mode}-{i}".encode() for i in range(3)]
+            for body in bodies:
+                channel.basic_publish("", work, body)  # no message_id, as pika sends by default
+            acked: list[bytes] = []
+            for _ in range(len(bodies)):
+                method, props, body = _get(channel, work)
+                try:
+                    handle(props, body)
+                except KeyMissing:
+                    # Never succeeds on redelivery: dead-letter it, don't loop on it.
+                    channel.basic_reject(method.delivery_tag, requeue=False)
+                else:
+                    channel.basic_ack(method.delivery_tag)
+                    acked.append(body)
+            if mode == "raise":
+                # Before: [b"raise-0"] applied, all three acked: two messages lost.
+                assert applied == [] and acked == []
+                dead_bodies = [_get(channel, dead, ack=True)[2] for _ in bodies]
+                assert sorted(dead_bodies) == bodies  # every one kept for a human to look at
+            else:
+                assert applied == bodies and acked == bodies
+    finally:
+        channel.queue_delete(work)
+        channel.queue_delete(dead)
+        conn.close()
+        idem.close()
+
+
+def _get(channel: Any, queue: str, ack: bool = False) -> tuple[Any, Any, bytes]:
+    for _ in range(100):
+        method, props, body = channel.basic_get(queue, auto_ack=ack)
+        if method is not None:
+            return method, props, body
+        time.sleep(0.05)
+    raise AssertionError(f"nothing arrived on {queue}")

@@ -343,3 +343,96 @@ def test_selector_functions() -> None:
     assert key_of({"b": 1, "a": 2}) == '{"a":2,"b":1}'
     assert key_of(7) == "7"
     assert key_of(True) == "true"
+
+
+# -- keys that are missing, null or partly null: never one shared key ----------------------
+
+
+def kinesis_record(data: Any, sequence: str) -> dict[str, Any]:
+    import base64
+    import json
+
+    shard = "shardId-000000000006"
+    return {
+        "kinesis": {
+            "kinesisSchemaVersion": "1.0",
+            "partitionKey": "1",
+            "sequenceNumber": sequence,
+            "data": base64.b64encode(json.dumps(data).encode()).decode(),
+            "approximateArrivalTimestamp": 1700000000.1,
+        },
+        "eventSource": "aws:kinesis",
+        "eventVersion": "1.0",
+        "eventID": f"{shard}:{sequence}",
+        "eventName": "aws:kinesis:record",
+        "invokeIdentityArn": "arn:aws:iam::123456789012:role/lambda-role",
+        "awsRegion": "us-east-1",
+        "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/orders",
+    }
+
+
+def test_batch_records_without_a_key_are_retried_not_acknowledged(
+    memory_idem: Idempotency,
+) -> None:
+    applied: list[Any] = []
+
+    @memory_idem.batch_handler(record_key="body.order_id")
+    def process(record: dict[str, Any], context: Any) -> None:
+        applied.append(Selector("body.order_id")(record))
+
+    keyed = sqs_record({"order_id": "o1"})
+    keyless = [sqs_record({"amount": 1}), sqs_record({"order_id": None})]
+    out = process(sqs_event(keyed, *keyless), None)
+    # Before: run without idempotency and acknowledged. Now: back to the queue (and, after
+    # maxReceiveCount, to its dead-letter queue), never run unprotected by default.
+    assert out == {"batchItemFailures": [{"itemIdentifier": r["messageId"]} for r in keyless]}
+    assert applied == ["o1"]
+
+    @memory_idem.batch_handler(record_key="body.order_id", raise_on_missing_key=False)
+    def lenient(record: dict[str, Any], context: Any) -> None:
+        applied.append(Selector("body.order_id")(record))
+
+    with pytest.warns(UserWarning, match="running without idempotency"):
+        assert lenient(sqs_event(*keyless), None) == {"batchItemFailures": []}
+    assert applied == ["o1", None, None]
+
+
+def test_kinesis_batches_are_keyed_by_event_id_by_default(memory_idem: Idempotency) -> None:
+    applied: list[str] = []
+
+    @memory_idem.batch_handler
+    def process(record: dict[str, Any], context: Any) -> None:
+        applied.append(record["kinesis"]["sequenceNumber"])
+
+    records = [kinesis_record({"n": i}, f"4954{i:020d}") for i in range(3)]
+    assert process({"Records": records}, None) == {"batchItemFailures": []}
+    # The redelivered batch (a retry after a timeout) is recognised record by record.
+    assert process({"Records": records}, None) == {"batchItemFailures": []}
+    assert applied == [r["kinesis"]["sequenceNumber"] for r in records]
+
+
+def test_a_key_with_a_null_part_is_missing(memory_idem: Idempotency) -> None:
+    runs: list[Any] = []
+
+    @memory_idem.lambda_handler(
+        event_key="[body.customer, body.order_id]", raise_on_missing_key=True
+    )
+    def listed(event: dict[str, Any], context: Any) -> str:
+        runs.append(event["body"])
+        return "ok"
+
+    @memory_idem.lambda_handler(
+        event_key="{c: body.customer, o: body.order_id}", raise_on_missing_key=True
+    )
+    def mapped(event: dict[str, Any], context: Any) -> str:
+        runs.append(event["body"])
+        return "ok"
+
+    for handler in (listed, mapped):
+        # Two different orders of one customer, both without an order id: one shared key
+        # would replay the second as a duplicate of the first, without running it.
+        for amount in (1, 2):
+            with pytest.raises(KeyMissing):
+                handler(api_gateway_v1({"customer": "c1", "amount": amount}), None)
+        assert handler(api_gateway_v1({"customer": "c1", "order_id": "o"}), None) == "ok"
+    assert len(runs) == 2

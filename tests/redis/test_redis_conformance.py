@@ -25,6 +25,10 @@ class TestRedisStore(StoreSuite):
 
 class TestAsyncRedisStore(AsyncStoreSuite):
     @pytest.fixture
+    def store_url(self, redis_url: str) -> str:
+        return redis_url
+
+    @pytest.fixture
     async def astore(self, redis_url: str) -> AsyncIterator[Any]:
         store = open_async_store(redis_url)
         yield store
@@ -44,6 +48,10 @@ class TestRedisClusterStore(StoreSuite):
 
 
 class TestAsyncRedisClusterStore(AsyncStoreSuite):
+    @pytest.fixture
+    def store_url(self, cluster_url: str) -> str:
+        return cluster_url
+
     @pytest.fixture
     async def astore(self, cluster_url: str) -> AsyncIterator[Any]:
         store = open_async_store(cluster_url)

@@ -27,6 +27,10 @@ class TestSQLStore(StoreSuite):
 
 class TestAsyncSQLStore(AsyncStoreSuite):
     @pytest.fixture
+    def store_url(self, db_url: str) -> str:
+        return db_url
+
+    @pytest.fixture
     async def astore(self, db: str, db_url: str) -> AsyncIterator[Any]:
         store = open_async_store(db_url)
         # psycopg 3 (PostgreSQL's default async driver) runs on the driver's connections.
