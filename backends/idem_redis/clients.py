@@ -9,6 +9,7 @@ turn and waits one full timeout for each that is stalled.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import time
@@ -108,7 +109,14 @@ class _AsyncBounded(_Base):  # type: ignore[misc]
                 raise _spent()
             own = self.socket_timeout
             if timeout is None and (own is None or left < own):
-                timeout = left
+                # Not through ``timeout=``: redis.asyncio reads an explicit timeout as a
+                # pub/sub poll and returns None when it passes.
+                try:
+                    async with asyncio.timeout(left):
+                        return await super().read_response(disable_decoding, None, **kwargs)
+                except TimeoutError:
+                    await self.disconnect()
+                    raise _spent() from None
         return await super().read_response(disable_decoding, timeout, **kwargs)
 
 

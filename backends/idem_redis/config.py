@@ -68,8 +68,6 @@ PASSED: dict[str, Callable[[str], Any]] = {
     "health_check_interval": _nonneg_int,
     "socket_keepalive": _bool,
     "protocol": _protocol,
-    "lib_name": str,
-    "lib_version": str,
     "ssl_cert_reqs": _cert_reqs,
     "ssl_ca_certs": str,
     "ssl_ca_path": str,
