@@ -33,12 +33,12 @@ class _Held:
         self.client = client
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def drop_if_loop_closed(self) -> None:
-        """Run when the store is collected, or at interpreter exit: a client whose loop has
-        closed is let go of quietly (see :func:`.clients.abandon`)."""
-        if self.client is not None and self.loop is not None and self.loop.is_closed():
+    def drop(self) -> None:
+        """Let go of the client quietly (see :func:`.clients.abandon`): run when the store is
+        collected or at interpreter exit, and when its loop has closed."""
+        if self.client is not None and self.loop is not None:
             clients.abandon(self.client)
-            self.client = None
+        self.client = None
 
 
 class AsyncRedisStore:
@@ -82,7 +82,7 @@ class AsyncRedisStore:
                 )
         self._held = _Held(client)
         if self._owned:
-            weakref.finalize(self, self._held.drop_if_loop_closed)
+            weakref.finalize(self, self._held.drop)
         self._pid = os.getpid()
         self.cluster = isinstance(client, RedisCluster)
         self.scripts = CLUSTER if self.cluster else STANDALONE
@@ -410,5 +410,5 @@ class AsyncRedisStore:
             return
         if held.loop is None or held.loop is asyncio.get_running_loop():
             await held.client.aclose()
-        else:
-            held.drop_if_loop_closed()
+        elif held.loop.is_closed():
+            held.drop()

@@ -247,13 +247,14 @@ def connections(client: Any) -> Iterator[Any]:
 
 
 def abandon(client: Any) -> None:
-    """Let go of a ``redis.asyncio`` client whose event loop has closed, without a word.
+    """Let go of a ``redis.asyncio`` client nobody will use again, without a word: its store
+    was collected, or its event loop has closed. Nothing is awaited.
 
-    A closed loop runs no coroutine, so the client cannot be closed the usual way, and its
-    transports cannot close themselves (closing asks the dead loop to finish the job). Left
-    alone, each connection, transport and the cluster client warn when collected, and the
-    sockets stay open until then. Here each socket is closed at once and each object is
-    marked closed. This reaches into asyncio's and redis-py's private attributes, each
+    On a loop still open, each transport is closed the usual way (the loop finishes the job on
+    its next turn). A closed loop runs nothing, so there the transports cannot close
+    themselves: each socket is closed at once and the transport marked done. Left alone, each
+    connection, transport and the cluster client warn when collected (and the sockets stay
+    open until then). This reaches into asyncio's and redis-py's private attributes, each
     looked up defensively: a version without them just gets the usual warnings.
     """
     for conn in connections(client):
@@ -261,13 +262,14 @@ def abandon(client: Any) -> None:
         if writer is None:
             continue
         transport = writer.transport
-        with contextlib.suppress(RuntimeError):
-            transport.close()  # marks it closing; its loop would do the rest, and cannot
-        sock = getattr(transport, "_sock", None)
-        if sock is not None:
-            sock.close()
-            with contextlib.suppress(AttributeError):
-                transport._sock = None
+        try:
+            transport.close()
+        except RuntimeError:  # its loop is closed: marked closing, the rest is ours to do
+            sock = getattr(transport, "_sock", None)
+            if sock is not None:
+                sock.close()
+                with contextlib.suppress(AttributeError):
+                    transport._sock = None
         conn._reader = conn._writer = None
     if hasattr(client, "nodes_manager"):
         client._initialize = True  # the cluster client: "closed", so it does not warn

@@ -242,8 +242,7 @@ def test_results_over_max_result_size_are_refused_before_anything_is_written(
 ) -> None:
     twins = Twins(with_params(redis_url, max_result_size=100))
     try:
-        for twin, store in (("sync", twins.sync), ("async", twins.aio)):
-            assert store.max_result_size == 100
+        assert twins.sync.max_result_size == twins.aio.max_result_size == 100
         for twin, call in twins.each(lambda s: _oversize(s)):
             record = call()
             assert record.status is Status.COMPLETED and record.result == b"r" * 100, twin
