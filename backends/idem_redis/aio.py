@@ -7,13 +7,14 @@ import contextlib
 import os
 import random
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 
-from . import common
+from . import clients, common
 from .common import Config, translate
 from .scripts import CLUSTER, STANDALONE, Script, vars_of
 
@@ -23,11 +24,34 @@ _RECHECK = 1.0
 _SUBSCRIBED = {"subscribe", b"subscribe", "ssubscribe", b"ssubscribe"}
 
 
+class _Held:
+    """The client a store opened, and the event loop it serves (None until first use)."""
+
+    __slots__ = ("client", "loop")
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def drop(self) -> None:
+        """Let go of the client quietly (see :func:`.clients.abandon`): run when the store is
+        collected or at interpreter exit, and when its loop has closed."""
+        if self.client is not None and self.loop is not None:
+            clients.abandon(self.client)
+        self.client = None
+
+
 class AsyncRedisStore:
     """The asyncio twin of :class:`~idem_redis.sync.RedisStore`.
 
-    ``redis.asyncio`` pools do not notice ``os.fork()``; a store that opened its own client
-    builds a new one in a child process instead of touching the parent's sockets.
+    A ``redis.asyncio`` client belongs to the event loop it first ran in. A store that opened
+    its own client binds it to the loop of its first call; once that loop has closed, the next
+    call (in a new loop) lets the old client go quietly and opens a new one, and a store
+    collected after its loop closed leaves no warning behind. A call from a second loop while
+    the first is still open is refused with ``ConfigurationError``: open one store per loop.
+    ``redis.asyncio`` pools do not notice ``os.fork()`` either; in a child process the store
+    builds a new client instead of touching the parent's sockets. A client you pass in is
+    used as it is, on whatever loop you call from: binding it to a loop is yours to do.
     """
 
     max_key_length = common.MAX_KEY_LENGTH
@@ -37,9 +61,12 @@ class AsyncRedisStore:
         from redis.asyncio.cluster import RedisCluster
 
         self.config = config
+        #: bytes of encoded result the store accepts (Redis's ``proto-max-bulk-len``)
+        self.max_result_size = config.max_result_size
+        self._budget = config.budget
         self._owned = client is None
         if client is None:
-            client = common.build_client(config, aio=True)
+            client = clients.build(config, aio=True)
         else:
             import redis.asyncio as aredis
 
@@ -53,7 +80,9 @@ class AsyncRedisStore:
                     "the Redis client decodes responses; results are bytes, so give a client "
                     "made with decode_responses=False"
                 )
-        self._client = client
+        self._held = _Held(client)
+        if self._owned:
+            weakref.finalize(self, self._held.drop)
         self._pid = os.getpid()
         self.cluster = isinstance(client, RedisCluster)
         self.scripts = CLUSTER if self.cluster else STANDALONE
@@ -67,14 +96,35 @@ class AsyncRedisStore:
 
     @property
     def client(self) -> Any:
-        if self._pid != os.getpid() and self._owned:
+        """The client for the running loop (called inside a store call's ``translate``)."""
+        held = self._held
+        if held.loop is not asyncio.get_running_loop() or self._pid != os.getpid():
+            self._rebind(asyncio.get_running_loop())
+        return held.client
+
+    def _rebind(self, loop: asyncio.AbstractEventLoop) -> None:
+        held = self._held
+        old = held.loop
+        held.loop = loop
+        if not self._owned:
+            return
+        if self._pid != os.getpid():
             # The parent's sockets and event loop are not ours: start afresh, and leave the
             # old client alone (closing it could disturb the parent's connections).
             self._pid = os.getpid()
-            self._client = common.build_client(self.config, aio=True)
-            self._loaded = not self.cluster
-            self._loading = None
-        return self._client
+        elif old is None:
+            return
+        elif old.is_closed():
+            clients.abandon(held.client)  # a closed loop runs no coroutine: no aclose()
+        else:
+            held.loop = old
+            raise ConfigurationError(
+                "this async Redis store is bound to another event loop that is still open; "
+                "open one store per event loop (or close the other loop first)"
+            )
+        held.client = clients.build(self.config, aio=True)
+        self._loaded = not self.cluster
+        self._loading = None
 
     async def _load_scripts(self) -> None:
         """Load every script on every primary before the first call on a cluster.
@@ -152,20 +202,15 @@ class AsyncRedisStore:
             body = script.sha if command == "EVALSHA" else script.text
             call = (command, body, 1, rkey, *args)
             if self.cluster:
-                reply, acked = await self._on_primary(rkey, call, wait)
+                pair = await self._on_primary(rkey, call, wait)
             else:
                 pipe = self.client.pipeline(transaction=False)
                 pipe.execute_command(*call)
                 pipe.execute_command(*wait)
-                reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, Exception) and common.is_noscript(reply):
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            if isinstance(acked, Exception):
-                raise acked
-            common.check_wait(acked, self.config, rkey)
-            return reply
+                pair = await pipe.execute(raise_on_error=False)
+            reply = common.waited(pair, self.config, rkey)
+            if reply is not None:
+                return reply
         raise StoreUnavailable(f"the {script.name} script could not be loaded")
 
     async def _on_primary(self, rkey: str, *commands: tuple[Any, ...]) -> list[Any]:
@@ -193,7 +238,7 @@ class AsyncRedisStore:
         return replies
 
     async def claim(self, request: ClaimRequest) -> ClaimResult:
-        with translate("claim"):
+        with translate("claim", self._budget):
             reply = await self._run_and_wait(
                 self.scripts.claim, self._k(request.key), *common.claim_args(request)
             )
@@ -208,7 +253,7 @@ class AsyncRedisStore:
         script = self.scripts.claim
         replies: list[Any] = [None] * len(requests)
         todo = list(range(len(requests)))
-        with translate("claim_many"):
+        with translate("claim_many", self._budget):
             if not self._loaded:
                 await self._load_scripts()
             for command in ("EVALSHA", "EVAL"):
@@ -220,15 +265,7 @@ class AsyncRedisStore:
                         command, body, 1, self._k(req.key), *common.claim_args(req)
                     )
                 results = await pipe.execute(raise_on_error=False)
-                missing = []
-                for i, res in zip(todo, results, strict=True):
-                    if isinstance(res, Exception) and common.is_noscript(res):
-                        missing.append(i)
-                    elif isinstance(res, Exception):
-                        raise res
-                    else:
-                        replies[i] = res
-                todo = missing
+                todo = common.sort_replies(todo, results, replies)
                 if not todo:
                     break
             if todo:
@@ -245,24 +282,25 @@ class AsyncRedisStore:
         with_items: Sequence[Any] | None = None,
     ) -> Record:
         common.refuse_with_items(with_items)
-        with translate("complete"):
+        common.check_size(key, result, self.max_result_size)
+        with translate("complete", self._budget):
             reply = await self._run_and_wait(
                 self.scripts.complete, self._k(key), str(fence), result, micros(ttl)
             )
         return common.complete_result(key, fence, result, ttl, reply)
 
     async def release(self, key: str, fence: int) -> None:
-        with translate("release"):
+        with translate("release", self._budget):
             reply = await self._run(self.scripts.release, self._k(key), str(fence))
         common.release_result(key, fence, reply)
 
     async def renew(self, key: str, fence: int, lease: float) -> Record:
-        with translate("renew"):
+        with translate("renew", self._budget):
             reply = await self._run(self.scripts.renew, self._k(key), str(fence), micros(lease))
         return common.renew_result(key, fence, lease, reply)
 
     async def _read(self, key: str) -> tuple[Record | None, int]:
-        with translate("get"):
+        with translate("get", self._budget):
             reply = await self._run(self.scripts.get, self._k(key))
         return common.get_result(key, reply)
 
@@ -270,11 +308,11 @@ class AsyncRedisStore:
         return (await self._read(key))[0]
 
     async def delete(self, key: str) -> None:
-        with translate("delete"):
+        with translate("delete", self._budget):
             await self._run(self.scripts.delete, self._k(key))
 
     async def now(self) -> int:
-        with translate("now"):
+        with translate("now", self._budget):
             if self.cluster:
                 from redis.asyncio.cluster import RedisCluster
 
@@ -317,18 +355,23 @@ class AsyncRedisStore:
                 await self._unsubscribe(pubsub)
 
     async def _subscribe(self, channel: str, deadline: float) -> Any:
+        """A confirmed subscription, or None (then the caller polls). Connecting and
+        subscribing keep to one call's budget, however long the wait."""
         pubsub: Any = None
         try:
-            pubsub = self.client.pubsub()
-            if self.cluster:
-                await pubsub.ssubscribe(channel)
-            else:
-                await pubsub.subscribe(channel)
+            with clients.deadline(min(self._budget, max(0.0, deadline - time.monotonic()))):
+                pubsub = self.client.pubsub()
+                if self.cluster:
+                    await pubsub.ssubscribe(channel)
+                else:
+                    await pubsub.subscribe(channel)
             while time.monotonic() < deadline:
                 wait = max(0.0, min(1.0, deadline - time.monotonic()))
                 message = await self._next(pubsub, wait)
                 if message is not None and message.get("type") in _SUBSCRIBED:
                     return pubsub
+        except StoreUnavailable:
+            pass
         except common.transient():
             pass
         if pubsub is not None:
@@ -348,7 +391,7 @@ class AsyncRedisStore:
     async def diagnostics(self) -> dict[str, object]:
         from redis.utils import HIREDIS_AVAILABLE
 
-        with translate("diagnostics"):
+        with translate("diagnostics", self._budget):
             if self.cluster:
                 from redis.asyncio.cluster import RedisCluster
 
@@ -360,5 +403,12 @@ class AsyncRedisStore:
         return common.diagnostics(self, info, nodes, HIREDIS_AVAILABLE)
 
     async def close(self) -> None:
-        if self._owned and self._pid == os.getpid():
-            await self._client.aclose()
+        """Close the client this store opened, in the loop it serves; one whose loop has
+        closed is let go of quietly."""
+        held = self._held
+        if not self._owned or self._pid != os.getpid() or held.client is None:
+            return
+        if held.loop is None or held.loop is asyncio.get_running_loop():
+            await held.client.aclose()
+        elif held.loop.is_closed():
+            held.drop()

@@ -1,4 +1,4 @@
-"""What the sync and async stores share: URL parsing, reply decoding, error translation.
+"""What the sync and async stores share: reply decoding and sorting, error translation.
 
 Neither of the two stores restates a transition rule: the scripts return the server time and
 the record they found, and the functions here hand both to :mod:`idem_core.machine`.
@@ -6,200 +6,30 @@ the record they found, and the functions here hand both to :mod:`idem_core.machi
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-from collections.abc import Iterator, Sequence
-from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+import time
+from collections.abc import Sequence
+from contextvars import Token
+from types import TracebackType
+from typing import Any
 
 from idem_core import machine
-from idem_core.errors import ConfigurationError, CorruptRecord, StoreUnavailable
+from idem_core.errors import (
+    ConfigurationError,
+    CorruptRecord,
+    IdempotencyError,
+    ResultNotSerializable,
+    StoreUnavailable,
+)
 from idem_core.record import ClaimRequest, ClaimResult, Record, Status, micros
 
+from .clients import DEADLINE
+from .config import Config, parse
+
 EXTRA = "redis"
-DEFAULT_PREFIX = "idem:"
-DEFAULT_TIMEOUT = 5.0
-DEFAULT_RETRIES = 1
 #: Redis accepts keys up to 512 MB; past this the caller hashes (see ``Store.max_key_length``).
 MAX_KEY_LENGTH = 1024
 
-Kind = Literal["standalone", "cluster", "sentinel"]
-
-# Query parameters that belong to idem-core; every other one goes to redis-py as it is.
-_OWN = {
-    "prefix",
-    "wait_replicas",
-    "wait_timeout_ms",
-    "timeout",
-    "connect_timeout",
-    "pool_size",
-    "retries",
-    "sentinel_password",
-    "ssl",
-}
-_TRUE = {"1", "true", "yes", "on"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """A parsed store URL: how to connect, and idem-core's own options."""
-
-    kind: Kind
-    #: ``redis://``/``rediss://``/``unix://`` URL for redis-py, without idem-core's parameters
-    url: str = ""
-    #: (host, port) of cluster startup nodes or of the sentinels
-    nodes: tuple[tuple[str, int], ...] = ()
-    #: the Sentinel service (master) name
-    service: str = ""
-    prefix: str = DEFAULT_PREFIX
-    wait_replicas: int = 0
-    wait_timeout_ms: int = 1000
-    timeout: float = DEFAULT_TIMEOUT
-    connect_timeout: float = DEFAULT_TIMEOUT
-    retries: int = DEFAULT_RETRIES
-    pool_size: int | None = None
-    #: connection keyword arguments for redis-py (cluster and sentinel URLs)
-    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    sentinel_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def cluster(self) -> bool:
-        return self.kind == "cluster"
-
-
-def _int(options: dict[str, str], name: str, default: int, url: str, low: int = 0) -> int:
-    if name not in options:
-        return default
-    try:
-        value = int(options[name])
-    except ValueError as exc:
-        raise ConfigurationError(f"{name} must be an integer in {url!r}") from exc
-    if value < low:
-        raise ConfigurationError(f"{name} must be at least {low} in {url!r}")
-    return value
-
-
-def _float(options: dict[str, str], name: str, default: float, url: str) -> float:
-    if name not in options:
-        return default
-    try:
-        value = float(options[name])
-    except ValueError as exc:
-        raise ConfigurationError(f"{name} must be a number of seconds in {url!r}") from exc
-    if value <= 0:
-        raise ConfigurationError(f"{name} must be positive in {url!r}")
-    return value
-
-
-def _hosts(netloc: str, default_port: int, url: str) -> tuple[str, tuple[tuple[str, int], ...]]:
-    """Split ``user:pw@h1:p1,h2:p2`` into its user info and host list."""
-    userinfo, _, hostlist = netloc.rpartition("@")
-    nodes = []
-    for part in hostlist.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if part.startswith("["):
-            host, _, rest = part[1:].partition("]")
-            port_text = rest.lstrip(":")
-        else:
-            host, _, port_text = part.partition(":")
-        try:
-            port = int(port_text) if port_text else default_port
-        except ValueError as exc:
-            raise ConfigurationError(f"bad port in {url!r}") from exc
-        nodes.append((host or "127.0.0.1", port))
-    if not nodes:
-        raise ConfigurationError(f"no host in {url!r}")
-    return userinfo, tuple(nodes)
-
-
-def _redis_kwargs(userinfo: str, query: dict[str, str], db: str, url: str) -> dict[str, Any]:
-    """Connection keyword arguments parsed the way redis-py parses its own URLs."""
-    from redis.connection import parse_url
-
-    synthetic = urlunsplit(
-        ("redis", f"{userinfo}@127.0.0.1" if userinfo else "127.0.0.1", f"/{db}", "", "")
-    )
-    if query:
-        synthetic += "?" + urlencode(query)
-    try:
-        kwargs: dict[str, Any] = parse_url(synthetic)  # type: ignore[no-untyped-call]
-    except ValueError as exc:
-        raise ConfigurationError(f"{exc} ({url!r})") from exc
-    kwargs.pop("host", None)
-    kwargs.pop("port", None)
-    return kwargs
-
-
-def parse(url: str) -> Config:
-    """Parse a ``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://`` or
-    ``redis+sentinel://`` URL; unknown query parameters are passed to redis-py."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    own = {k: query.pop(k) for k in list(query) if k in _OWN}
-    common: dict[str, Any] = {
-        "prefix": own.get("prefix", DEFAULT_PREFIX),
-        "wait_replicas": _int(own, "wait_replicas", 0, url),
-        "wait_timeout_ms": _int(own, "wait_timeout_ms", 1000, url),
-        "timeout": _float(own, "timeout", DEFAULT_TIMEOUT, url),
-        "retries": _int(own, "retries", DEFAULT_RETRIES, url),
-        "pool_size": _int(own, "pool_size", 0, url, low=1) if "pool_size" in own else None,
-    }
-    common["connect_timeout"] = _float(own, "connect_timeout", common["timeout"], url)
-    if scheme in {"redis", "rediss", "unix"}:
-        if "ssl" in own:
-            raise ConfigurationError(f"use rediss:// for TLS, not ?ssl= ({url!r})")
-        rest = f"{parts.scheme}://{parts.netloc}{parts.path}"
-        if query:
-            rest += "?" + urlencode(query)
-        return Config(kind="standalone", url=rest, **common)
-    if scheme == "redis+cluster":
-        userinfo, nodes = _hosts(parts.netloc, 6379, url)
-        if parts.path.strip("/") not in {"", "0"}:
-            raise ConfigurationError(f"Redis Cluster has only database 0 ({url!r})")
-        kwargs = _redis_kwargs(userinfo, query, "0", url)
-        kwargs.pop("db", None)
-        if own.get("ssl", "").lower() in _TRUE:
-            kwargs["ssl"] = True
-        return Config(kind="cluster", nodes=nodes, kwargs=kwargs, **common)
-    if scheme == "redis+sentinel":
-        userinfo, nodes = _hosts(parts.netloc, 26379, url)
-        path = [p for p in parts.path.split("/") if p]
-        if not path:
-            raise ConfigurationError(
-                f"a Sentinel URL names its service: redis+sentinel://host:26379/mymaster ({url!r})"
-            )
-        service = unquote(path[0])
-        db = path[1] if len(path) > 1 else query.pop("db", "0")
-        kwargs = _redis_kwargs(userinfo, query, db, url)
-        sentinel_kwargs: dict[str, Any] = {}
-        if "sentinel_password" in own:
-            sentinel_kwargs["password"] = own["sentinel_password"]
-        if own.get("ssl", "").lower() in _TRUE:
-            kwargs["ssl"] = True
-            sentinel_kwargs["ssl"] = True
-        return Config(
-            kind="sentinel",
-            nodes=nodes,
-            service=service,
-            kwargs=kwargs,
-            sentinel_kwargs=sentinel_kwargs,
-            **common,
-        )
-    raise ConfigurationError(f"not a Redis URL: {url!r}")
-
-
-def timeouts(config: Config) -> dict[str, Any]:
-    """Keyword arguments every client we build gets, so no call blocks past its timeout."""
-    kwargs: dict[str, Any] = {
-        "socket_timeout": config.timeout,
-        "socket_connect_timeout": config.connect_timeout,
-    }
-    if config.pool_size is not None:
-        kwargs["max_connections"] = config.pool_size
-    return kwargs
+__all__ = ["Config", "parse", "translate", "transient"]
 
 
 def transient() -> tuple[type[BaseException], ...]:
@@ -214,20 +44,103 @@ def transient() -> tuple[type[BaseException], ...]:
     return (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
-@contextlib.contextmanager
-def translate(what: str) -> Iterator[None]:
-    """Driver errors become the core's errors, with the driver's error as ``__cause__``."""
+# What asyncio and redis.asyncio say when a client is used outside the event loop it was made
+# in, or after that loop closed: the store's client is then unusable, not the caller's input.
+_LOOP_ERRORS = ("event loop is closed", "different loop", "different event loop", "no running")
+
+
+def translated(what: str, exc: BaseException) -> IdempotencyError | None:
+    """The core's error for a driver error (None: not a driver error; let it through)."""
     from redis.exceptions import ResponseError
 
-    try:
-        yield
-    except ResponseError as exc:
+    if isinstance(exc, IdempotencyError):
+        return None
+    if isinstance(exc, ResponseError):
         text = str(exc)
         if text.startswith(("IDEMCORRUPT", "WRONGTYPE")):
-            raise CorruptRecord(f"{what}: {text}") from exc
-        raise StoreUnavailable(f"{what}: Redis answered {text}") from exc
-    except transient() as exc:
-        raise StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+            return CorruptRecord(f"{what}: {text}")
+        return StoreUnavailable(f"{what}: Redis answered {text}")
+    if isinstance(exc, transient()):
+        return StoreUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _LOOP_ERRORS):
+        return StoreUnavailable(
+            f"{what}: the Redis client cannot run on this event loop ({exc}); "
+            "an async store serves one event loop"
+        )
+    return None
+
+
+class translate:
+    """Every store call runs inside one: driver errors become the core's errors, with the
+    driver's error as ``__cause__``, and the call's I/O keeps to ``budget`` seconds (see
+    :mod:`.clients`). A class, not a generator: it is on every call's path."""
+
+    __slots__ = ("budget", "token", "what")
+
+    def __init__(self, what: str, budget: float = 0.0) -> None:
+        self.what = what
+        self.budget = budget
+        self.token: Token[float] | None = None
+
+    def __enter__(self) -> None:
+        if self.budget and not DEADLINE.get():
+            self.token = DEADLINE.set(time.monotonic() + self.budget)
+
+    def __exit__(
+        self, tp: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.token is not None:
+            DEADLINE.reset(self.token)
+            self.token = None
+        if exc is not None:
+            error = translated(self.what, exc)
+            if error is not None:
+                raise error from exc
+
+
+def check_size(key: str, result: bytes, limit: int) -> None:
+    """Refuse a result the server would refuse, before anything is sent."""
+    if len(result) > limit:
+        raise ResultNotSerializable(
+            f"the result for key {key!r} is {len(result)} bytes; this Redis store accepts at "
+            f"most {limit} (max_result_size); nothing was written and the claim is unchanged"
+        )
+
+
+def sort_replies(
+    todo: Sequence[int],
+    results: Sequence[Any],
+    replies: list[Any],
+    keep: tuple[type[BaseException], ...] = (),
+) -> list[int]:
+    """Put each pipeline reply in its place in ``replies``; return the indices whose script
+    was missing (NOSCRIPT: send them again with EVAL). An error reply for one item is raised
+    here, inside the caller's ``translate``, so it means what it means for a single call
+    (``READONLY`` is ``StoreUnavailable``, a corrupt record ``CorruptRecord``); ``keep``
+    lists errors left in place for the caller (a Cluster's redirections)."""
+    missing = []
+    for i, res in zip(todo, results, strict=True):
+        if isinstance(res, Exception):
+            if is_noscript(res):
+                missing.append(i)
+                continue
+            if not isinstance(res, keep):
+                raise res
+        replies[i] = res
+    return missing
+
+
+def waited(pair: Sequence[Any], config: Config, key: str) -> Any:
+    """The script's reply from a script + ``WAIT`` pair (None: the script was missing)."""
+    reply, acked = pair
+    if isinstance(reply, Exception):
+        if is_noscript(reply):
+            return None
+        raise reply
+    if isinstance(acked, Exception):
+        raise acked
+    check_wait(acked, config, key)
+    return reply
 
 
 def _text(value: Any) -> str:
@@ -356,37 +269,6 @@ def refuse_with_items(with_items: Sequence[Any] | None) -> None:
             "Redis cannot commit with_items atomically with a result; write them yourself "
             "before completing"
         )
-
-
-def build_client(config: Config, *, aio: bool) -> Any:
-    """A redis-py client (``redis.asyncio`` when ``aio``) for ``config``, with bounded
-    timeouts and retries."""
-    import importlib
-
-    from redis.backoff import ExponentialWithJitterBackoff
-
-    package = "redis.asyncio" if aio else "redis"
-    client = importlib.import_module(package)
-    retry = importlib.import_module(f"{package}.retry").Retry(
-        ExponentialWithJitterBackoff(base=0.01, cap=0.1), config.retries
-    )
-    kwargs = timeouts(config)
-    if config.kind == "standalone":
-        return client.Redis.from_url(config.url, retry=retry, **kwargs)
-    if config.kind == "cluster":
-        cluster = importlib.import_module(f"{package}.cluster")
-        return cluster.RedisCluster(
-            startup_nodes=[cluster.ClusterNode(h, p) for h, p in config.nodes],
-            retry=retry,
-            **{**config.kwargs, **kwargs},
-        )
-    sentinel = importlib.import_module(f"{package}.sentinel").Sentinel(
-        list(config.nodes),
-        sentinel_kwargs={**config.sentinel_kwargs, **timeouts(config)},
-        retry=retry,
-        **{**config.kwargs, **kwargs},
-    )
-    return sentinel.master_for(config.service)
 
 
 def is_noscript(exc: BaseException) -> bool:

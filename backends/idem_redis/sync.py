@@ -11,7 +11,7 @@ from typing import Any
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 
-from . import common
+from . import clients, common
 from .common import Config, translate
 from .scripts import CLUSTER, STANDALONE, Script
 
@@ -36,9 +36,21 @@ class RedisStore:
 
     def __init__(self, config: Config, client: Any = None) -> None:
         self.config = config
+        #: bytes of encoded result the store accepts (Redis's ``proto-max-bulk-len``)
+        self.max_result_size = config.max_result_size
+        self._budget = config.budget
         self._owned = client is None
         if client is None:
-            client = common.build_client(config, aio=False)
+            if config.cluster:
+                # redis-py's cluster client asks for the slots as it is built: that happens
+                # on first use, inside a call, so a cluster that is down is StoreUnavailable.
+                self._client: Any = None
+                self.cluster = True
+                self.scripts = CLUSTER
+                self.prefix = config.prefix
+                self._pool = None
+                return
+            client = clients.build(config, aio=False)
         else:
             import redis
 
@@ -52,7 +64,7 @@ class RedisStore:
                     "the Redis client decodes responses; results are bytes, so give a client "
                     "made with decode_responses=False"
                 )
-        self.client = client
+        self._client = client
         self.cluster = is_cluster(client)
         self.scripts = CLUSTER if self.cluster else STANDALONE
         self.prefix = config.prefix
@@ -62,6 +74,13 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"<RedisStore {'cluster' if self.cluster else self.config.kind} {self.prefix!r}>"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            with translate("connect", self._budget):
+                self._client = clients.build(self.config, aio=False)
+        return self._client
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -121,19 +140,13 @@ class RedisStore:
             body = script.sha if command == "EVALSHA" else script.text
             pipe.execute_command(command, body, 1, rkey, *args)
             pipe.execute_command(*wait)
-            reply, acked = pipe.execute(raise_on_error=False)
-            if isinstance(reply, Exception) and common.is_noscript(reply):
-                continue
-            if isinstance(reply, Exception):
-                raise reply
-            if isinstance(acked, Exception):
-                raise acked
-            common.check_wait(acked, self.config, rkey)
-            return reply
+            reply = common.waited(pipe.execute(raise_on_error=False), self.config, rkey)
+            if reply is not None:
+                return reply
         raise StoreUnavailable(f"the {script.name} script could not be loaded")
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
-        with translate("claim"):
+        with translate("claim", self._budget):
             reply = self._run_and_wait(
                 self.scripts.claim, self._k(request.key), *common.claim_args(request)
             )
@@ -147,12 +160,15 @@ class RedisStore:
             return [self.claim(r) for r in requests]
         if self.cluster:
             return self._claim_many_cluster(requests)
-        with translate("claim_many"):
+        with translate("claim_many", self._budget):
             replies = self._pipelined(self.client, requests)
         return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
 
-    def _pipelined(self, target: Any, requests: Sequence[ClaimRequest]) -> list[Any]:
-        """EVALSHA for each request in one pipeline on ``target``; EVAL for any NOSCRIPT."""
+    def _pipelined(
+        self, target: Any, requests: Sequence[ClaimRequest], keep: tuple[type[Any], ...] = ()
+    ) -> list[Any]:
+        """EVALSHA for each request in one pipeline on ``target``; EVAL for any NOSCRIPT.
+        Runs inside the caller's ``translate``: an item's error reply is raised there."""
         script = self.scripts.claim
         replies: list[Any] = [None] * len(requests)
         todo = list(range(len(requests)))
@@ -162,14 +178,7 @@ class RedisStore:
             for i in todo:
                 req = requests[i]
                 pipe.execute_command(command, body, 1, self._k(req.key), *common.claim_args(req))
-            results = pipe.execute(raise_on_error=False)
-            missing = []
-            for i, res in zip(todo, results, strict=True):
-                if isinstance(res, Exception) and common.is_noscript(res):
-                    missing.append(i)
-                else:
-                    replies[i] = res
-            todo = missing
+            todo = common.sort_replies(todo, pipe.execute(raise_on_error=False), replies, keep)
             if not todo:
                 return replies
         raise StoreUnavailable("the claim script could not be loaded")
@@ -185,7 +194,8 @@ class RedisStore:
         from redis.exceptions import AskError, MovedError, TryAgainError
 
         groups: dict[str, list[int]] = {}
-        with translate("claim_many"):
+        redirected = (MovedError, AskError, TryAgainError)
+        with translate("claim_many", self._budget):
             nodes = {}
             for i, req in enumerate(requests):
                 node = self.client.get_node_from_key(self._k(req.key))
@@ -194,18 +204,15 @@ class RedisStore:
             replies: list[Any] = [None] * len(requests)
             for name, indices in groups.items():
                 target = self.client.get_redis_connection(nodes[name])
-                got = self._pipelined(target, [requests[i] for i in indices])
+                got = self._pipelined(target, [requests[i] for i in indices], redirected)
                 for i, reply in zip(indices, got, strict=True):
                     replies[i] = reply
             for i, reply in enumerate(replies):
-                if isinstance(reply, MovedError | AskError | TryAgainError):
+                if isinstance(reply, redirected):
                     req = requests[i]
                     replies[i] = self._run(
                         self.scripts.claim, self._k(req.key), *common.claim_args(req)
                     )
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    raise reply
         return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
 
     def complete(
@@ -218,24 +225,25 @@ class RedisStore:
         with_items: Sequence[Any] | None = None,
     ) -> Record:
         common.refuse_with_items(with_items)
-        with translate("complete"):
+        common.check_size(key, result, self.max_result_size)
+        with translate("complete", self._budget):
             reply = self._run_and_wait(
                 self.scripts.complete, self._k(key), str(fence), result, micros(ttl)
             )
         return common.complete_result(key, fence, result, ttl, reply)
 
     def release(self, key: str, fence: int) -> None:
-        with translate("release"):
+        with translate("release", self._budget):
             reply = self._run(self.scripts.release, self._k(key), str(fence))
         common.release_result(key, fence, reply)
 
     def renew(self, key: str, fence: int, lease: float) -> Record:
-        with translate("renew"):
+        with translate("renew", self._budget):
             reply = self._run(self.scripts.renew, self._k(key), str(fence), micros(lease))
         return common.renew_result(key, fence, lease, reply)
 
     def _read(self, key: str) -> tuple[Record | None, int]:
-        with translate("get"):
+        with translate("get", self._budget):
             reply = self._run(self.scripts.get, self._k(key))
         return common.get_result(key, reply)
 
@@ -243,11 +251,11 @@ class RedisStore:
         return self._read(key)[0]
 
     def delete(self, key: str) -> None:
-        with translate("delete"):
+        with translate("delete", self._budget):
             self._run(self.scripts.delete, self._k(key))
 
     def now(self) -> int:
-        with translate("now"):
+        with translate("now", self._budget):
             if self.cluster:
                 from redis.cluster import RedisCluster
 
@@ -291,13 +299,16 @@ class RedisStore:
                 self._unsubscribe(pubsub)
 
     def _subscribe(self, channel: str, deadline: float) -> Any:
+        """A confirmed subscription, or None (then the caller polls). Connecting and
+        subscribing keep to one call's budget, however long the wait."""
         pubsub: Any = None
         try:
-            pubsub = self.client.pubsub()
-            if self.cluster:
-                pubsub.ssubscribe(channel)
-            else:
-                pubsub.subscribe(channel)
+            with clients.deadline(min(self._budget, max(0.0, deadline - time.monotonic()))):
+                pubsub = self.client.pubsub()
+                if self.cluster:
+                    pubsub.ssubscribe(channel)
+                else:
+                    pubsub.subscribe(channel)
             while time.monotonic() < deadline:
                 message = self._next(pubsub, max(0.0, min(1.0, deadline - time.monotonic())))
                 if message is not None and message.get("type") in {
@@ -307,6 +318,8 @@ class RedisStore:
                     b"ssubscribe",
                 }:
                     return pubsub
+        except StoreUnavailable:
+            pass
         except common.transient():
             pass
         if pubsub is not None:
@@ -326,7 +339,7 @@ class RedisStore:
     def diagnostics(self) -> dict[str, object]:
         from redis.utils import HIREDIS_AVAILABLE
 
-        with translate("diagnostics"):
+        with translate("diagnostics", self._budget):
             if self.cluster:
                 from redis.cluster import RedisCluster
 
@@ -338,5 +351,5 @@ class RedisStore:
         return common.diagnostics(self, info, nodes, HIREDIS_AVAILABLE)
 
     def close(self) -> None:
-        if self._owned:
-            self.client.close()
+        if self._owned and self._client is not None:
+            self._client.close()

@@ -252,7 +252,7 @@ def test_urls() -> None:
         7,
         0,
     )
-    assert c.url == "redis://:pw@localhost:6380/3"
+    assert c.nodes == (("localhost", 6380),) and c.kwargs == {"password": "pw", "db": 3}
     c = parse("redis+cluster://a:7000,b:7001?prefix=x:&wait_replicas=1&wait_timeout_ms=50")
     assert c.kind == "cluster" and c.nodes == (("a", 7000), ("b", 7001))
     assert (c.wait_replicas, c.wait_timeout_ms) == (1, 50)
@@ -261,7 +261,8 @@ def test_urls() -> None:
     assert c.nodes == (("s1", 26379), ("s2", 26379))
     assert c.kwargs["db"] == 2 and c.kwargs["password"] == "secret"
     assert c.sentinel_kwargs == {"password": "sp"}
-    assert parse("unix:///tmp/redis.sock?db=1").url == "unix:///tmp/redis.sock?db=1"
+    c = parse("unix:///tmp/redis.sock?db=1")
+    assert (c.path, c.kwargs) == ("/tmp/redis.sock", {"db": 1})
     for bad in (
         "redis+sentinel://s1:26379",
         "redis+cluster://a:7000/2",
