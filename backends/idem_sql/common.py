@@ -20,7 +20,7 @@ from idem_core.errors import ResultNotSerializable
 from .errors import (
     callers_statement,
     mark_callers,
-    missing_table,
+    own_missing_table,
     retryable,
     transient_for,
     translate,
@@ -222,7 +222,7 @@ class _Common:
         if retry and not self._bound and RETRY not in tried and retryable(exc):
             tried.add(RETRY)
             return RETRY
-        if create and self._create and SETUP not in tried and missing_table(exc):
+        if create and self._create and SETUP not in tried and own_missing_table(exc):
             tried.add(SETUP)
             return SETUP
         raise translate(exc, self._label, table=self.sql.table) from exc

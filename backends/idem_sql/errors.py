@@ -32,6 +32,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError)
 _MISSING_TABLE = ("no such table", "does not exist", "doesn't exist", "undefinedtable")
 _NUL = ("nul (0x00)", "0x00 bytes", "null character not permitted")
 _TIMED_OUT = ("timed out", "timeout expired")
+# Set on an exception from a caller's ``with_items`` statement: True when it is the caller's
+# own error, False when it says the connection or the server failed.
 _CALLERS = "_idem_callers_statement"
 
 
@@ -54,6 +56,11 @@ def missing_table(exc: BaseException) -> bool:
     return any(marker in text for marker in _MISSING_TABLE)
 
 
+def own_missing_table(exc: BaseException) -> bool:
+    """A statement of the store's own found no records table (not a caller's statement)."""
+    return getattr(exc, _CALLERS, None) is None and missing_table(exc)
+
+
 def timed_out(exc: BaseException) -> bool:
     """A read or connect deadline expired: the server is silent, not merely restarted."""
     orig = _original(exc)
@@ -73,31 +80,29 @@ def retryable(exc: BaseException) -> bool:
 
 def callers_statement(exc: BaseException) -> bool:
     """Whether ``exc`` is a caller's own statement failing for its own reasons."""
-    return bool(getattr(exc, _CALLERS, False))
+    return getattr(exc, _CALLERS, None) is True
 
 
 def mark_callers(exc: BaseException) -> None:
     """``exc`` came from a caller's statement: it is the caller's error unless it says the
     connection or the server failed (then it is the store's: ``StoreUnavailable``)."""
-    if isinstance(exc, OperationalError | InterfaceError):
-        return
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return
-    if isinstance(exc, SQLAlchemyError):
-        setattr(exc, _CALLERS, True)
+    outage = isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    )
+    setattr(exc, _CALLERS, not outage)
 
 
 def translate(exc: BaseException, where: str, *, table: str) -> IdempotencyError:
     """The idem-core error for ``exc``, raised by the caller ``from exc``."""
     orig = _original(exc)
-    if missing_table(exc):
+    if own_missing_table(exc):
         return ConfigurationError(
             f"{where}: the records table {table!r} does not exist; create it with "
             f"`idem setup URL` (or store.setup(), or your migrations: idem_sql.records_table) "
             f"({type(orig).__name__}: {orig})"
         )
     text = str(orig).lower()
-    if any(marker in text for marker in _NUL):
+    if getattr(exc, _CALLERS, None) is None and any(marker in text for marker in _NUL):
         return KeyMissing(f"{where}: a key or value contains a NUL character, which is refused")
     detail = f"{type(orig).__name__}: {orig}".strip()
     return StoreUnavailable(f"{where}: {detail}")
