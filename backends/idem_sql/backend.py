@@ -225,8 +225,10 @@ def _number(key: str, value: Any, kind: type, least: float) -> Any:
         number = kind(value)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"SQL store option {key}={value!r} is not a number") from exc
-    if number != number or number in (float("inf"), float("-inf")) or number < least:
-        raise ConfigurationError(f"SQL store option {key}={value!r} must be at least {least:g}")
+    if not math.isfinite(number) or number < least:
+        raise ConfigurationError(
+            f"SQL store option {key}={value!r} must be a finite number, at least {least:g}"
+        )
     return number
 
 
@@ -303,6 +305,7 @@ def _timeout_args(driver: str, opts: dict[str, Any]) -> dict[str, Any]:
     if driver == "pymysql":
         return {"connect_timeout": connect, "read_timeout": read, "write_timeout": read}
     if driver == "aiomysql":
+        # aiomysql has no read or write timeout: the store's asyncio deadline bounds reads.
         return {"connect_timeout": connect}
     return {}
 
@@ -367,9 +370,14 @@ class SQLBackend:
         try:
             sa_url = make_url(target)
         except Exception as exc:
-            raise ConfigurationError(f"not a valid SQL URL: {url!r} ({exc})") from exc
+            what = "the port is not a number" if "int()" in str(exc) else str(exc)
+            raise ConfigurationError(f"not a valid SQL URL: {url!r} ({what})") from exc
         _check_url(url, sa_url, database)
         sa_url, opts = _split_options(sa_url, options, database)
+        if driver in ("aiomysql", "asyncmy"):
+            # PyMySQL's write_timeout, for the sync store of the same URL; aiomysql has none
+            # (the async store's deadline covers it).
+            sa_url = sa_url.difference_update_query(["write_timeout"])
         if client is None:
             import_driver(_MODULES.get(driver, driver), extra)
         table = opts.get("table", "idem_records")
