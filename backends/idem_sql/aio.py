@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +30,7 @@ from idem_core.record import ClaimRequest, ClaimResult, Record
 
 from .caches import AsyncConnectionCache, fast_async
 from .common import SETUP, _Common, aexecute_item, run_async, setup_on
+from .lifetimes import abandon
 from .ops import SQL, Program
 
 __all__ = ["AsyncSQLStore"]
@@ -60,6 +64,14 @@ class AsyncSQLStore(_Common):
             else None
         )
         self._deadline = deadline
+        # Left unclosed (its loop closed, say), the store closes its connections without a
+        # loop when collected or at exit, silently (:mod:`idem_sql.lifetimes`).
+        self._abandon = None
+        if engine is not None:
+            idle = self._cache.idle if self._cache is not None else deque()
+            self._abandon = weakref.finalize(
+                self, abandon, os.getpid(), engine.sync_engine.pool, idle, owns_engine
+            )
 
     @property
     def engine(self) -> AsyncEngine | None:
@@ -230,6 +242,8 @@ class AsyncSQLStore(_Common):
             await self._cache.close()
         if self._owns_engine and self._engine is not None:
             await self._engine.dispose()
+        if self._abandon is not None:
+            self._abandon.detach()
 
 
 class _AsyncConnect:
