@@ -25,7 +25,7 @@ from .errors import (
     transient_for,
     translate,
 )
-from .ops import Program, Rows
+from .ops import SQL, Program, Rows
 from .schema import MAX_KEY_LENGTH, records_table
 
 T = TypeVar("T")
@@ -183,7 +183,7 @@ class _Common:
     max_key_length = MAX_KEY_LENGTH
     server_clock = True
 
-    def __init__(self, sql: Any, *, create: bool, bound: bool, label: str) -> None:
+    def __init__(self, sql: SQL, *, create: bool, bound: bool, label: str) -> None:
         self.sql = sql
         self._create = create and not bound
         self._bound = bound
