@@ -12,10 +12,17 @@ URL options (query parameters, removed before the URL reaches SQLAlchemy):
 ``pool_recycle``     seconds after which a pooled connection is replaced (``pool_recycle``)
 ``busy_timeout``     SQLite only: milliseconds to wait for the write lock, default 5000
 ``create``           ``1`` (default): create the table on first use if it is missing; ``0``: never
+``connect_timeout``  PostgreSQL, MySQL: seconds to open a connection, default 5
+``read_timeout``     PostgreSQL, MySQL: seconds a statement may wait for the server, default 10
+
+Other query parameters go to the driver, if they are among the driver's known ones
+(:data:`_PASSED`); any other name, a bad port or a bad number is a ``ConfigurationError``
+when the store is opened.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from idem_core.errors import ConfigurationError
@@ -24,7 +31,8 @@ from idem_core.registry import import_driver
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-    from .store import AsyncSQLStore, SQLStore
+    from .aio import AsyncSQLStore
+    from .store import SQLStore
 
 _OPTIONS = {
     "table",
@@ -34,9 +42,108 @@ _OPTIONS = {
     "pool_recycle",
     "busy_timeout",
     "create",
+    "connect_timeout",
+    "read_timeout",
 }
-_INT_OPTIONS = {"pool_size", "max_overflow", "pool_recycle", "busy_timeout"}
-_FLOAT_OPTIONS = {"pool_timeout"}
+# option: (type, smallest value allowed)
+_NUMBERS: dict[str, tuple[type, float]] = {
+    "pool_size": (int, 0),
+    "max_overflow": (int, -1),
+    "pool_timeout": (float, 0),
+    "pool_recycle": (int, -1),
+    "busy_timeout": (int, 0),
+    "connect_timeout": (float, 0.001),
+    "read_timeout": (float, 0.001),
+}
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLEANS.update({"0": False, "false": False, "no": False, "off": False})
+#: defaults, in seconds, for a server-backed store (SQLite has busy_timeout instead)
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 10.0
+
+# Driver parameters a URL may carry to the driver, per database; anything else is refused
+# at construction (a typo would otherwise be ignored, or fail at the first call).
+_LIBPQ = {
+    "application_name",
+    "channel_binding",
+    "client_encoding",
+    "fallback_application_name",
+    "gssencmode",
+    "gsslib",
+    "hostaddr",
+    "keepalives",
+    "keepalives_count",
+    "keepalives_idle",
+    "keepalives_interval",
+    "krbsrvname",
+    "load_balance_hosts",
+    "options",
+    "passfile",
+    "require_auth",
+    "requirepeer",
+    "service",
+    "ssl_max_protocol_version",
+    "ssl_min_protocol_version",
+    "sslcert",
+    "sslcompression",
+    "sslcrl",
+    "sslcrldir",
+    "sslkey",
+    "sslmode",
+    "sslnegotiation",
+    "sslpassword",
+    "sslrootcert",
+    "sslsni",
+    "target_session_attrs",
+    "tcp_user_timeout",
+    "host",
+    "port",
+    "dbname",
+    "user",
+    "password",
+}
+_ASYNCPG = {"ssl", "prepared_statement_cache_size", "prepared_statement_name_func"}
+_MYSQL = {
+    "charset",
+    "binary_prefix",
+    "client_flag",
+    "compress",
+    "init_command",
+    "local_infile",
+    "program_name",
+    "server_public_key",
+    "ssl_ca",
+    "ssl_capath",
+    "ssl_cert",
+    "ssl_check_hostname",
+    "ssl_cipher",
+    "ssl_disabled",
+    "ssl_key",
+    "ssl_verify_cert",
+    "ssl_verify_identity",
+    "unix_socket",
+    "use_unicode",
+    "write_timeout",
+}
+_SQLITE = {
+    "cache",
+    "cached_statements",
+    "check_same_thread",
+    "detect_types",
+    "immutable",
+    "mode",
+    "modeof",
+    "nolock",
+    "timeout",
+    "uri",
+    "vfs",
+}
+_PASSED = {
+    "postgresql": _LIBPQ | _ASYNCPG,
+    "mysql": _MYSQL,
+    "mariadb": _MYSQL,
+    "sqlite": _SQLITE,
+}
 
 # (sync driver, async driver) SQLAlchemy uses for each database when the URL names none,
 # and which sync driver an async one pairs with (and back), so one URL opens both stores.
@@ -93,26 +200,72 @@ def driver_url(url: str, *, asynchronous: bool) -> tuple[str, str, str]:
     return f"{database}+{driver}://{rest}", database, driver
 
 
-def _split_options(sa_url: URL, options: dict[str, Any]) -> tuple[URL, dict[str, Any]]:
+def _check_url(url: str, sa_url: URL, database: str) -> None:
+    """Refuse what the driver would only trip over at the first call: a bad port, a driver
+    parameter nobody knows."""
+    try:
+        port = sa_url.port
+    except ValueError as exc:  # SQLAlchemy parses the port lazily on some versions
+        raise ConfigurationError(f"{url!r}: port is not a number ({exc})") from exc
+    if port is not None and not 0 < int(port) < 65536:
+        raise ConfigurationError(f"{url!r}: port {port} is out of range (1-65535)")
+    allowed = _PASSED[database]
+    unknown = sorted(k for k in sa_url.query if k not in _OPTIONS and k not in allowed)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown {database} URL parameter(s): {', '.join(unknown)}; store options are "
+            f"{', '.join(sorted(_OPTIONS))}, and the driver takes {', '.join(sorted(allowed))}"
+        )
+    if "write_timeout" in sa_url.query:
+        _number("write_timeout", sa_url.query["write_timeout"], float, 0.001)
+
+
+def _number(key: str, value: Any, kind: type, least: float) -> Any:
+    try:
+        number = kind(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"SQL store option {key}={value!r} is not a number") from exc
+    if not math.isfinite(number) or number < least:
+        raise ConfigurationError(
+            f"SQL store option {key}={value!r} must be a finite number, at least {least:g}"
+        )
+    return number
+
+
+def _split_options(
+    sa_url: URL, options: dict[str, Any], database: str
+) -> tuple[URL, dict[str, Any]]:
     found: dict[str, Any] = {k: v for k, v in sa_url.query.items() if k in _OPTIONS}
     found = {k: (v[-1] if isinstance(v, tuple) else v) for k, v in found.items()}
-    found.update(options)
     unknown = set(options) - _OPTIONS
     if unknown:
         raise ConfigurationError(f"unknown SQL store options: {', '.join(sorted(unknown))}")
+    found.update(options)
     parsed: dict[str, Any] = {}
     for key, value in found.items():
-        try:
-            if key in _INT_OPTIONS:
-                parsed[key] = int(value)
-            elif key in _FLOAT_OPTIONS:
-                parsed[key] = float(value)
-            elif key == "create":
-                parsed[key] = str(value).lower() not in {"0", "false", "no", "off"}
+        if key in _NUMBERS:
+            kind, least = _NUMBERS[key]
+            parsed[key] = _number(key, value, kind, least)
+        elif key == "create":
+            word = str(value).lower()
+            if isinstance(value, bool):
+                parsed[key] = value
+            elif word in _BOOLEANS:
+                parsed[key] = _BOOLEANS[word]
             else:
-                parsed[key] = str(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"SQL store option {key}={value!r} is not valid") from exc
+                raise ConfigurationError(f"SQL store option create={value!r} is not 0 or 1")
+        else:
+            parsed[key] = str(value)
+    if database == "sqlite":
+        for key in ("connect_timeout", "read_timeout"):
+            if key in parsed:
+                raise ConfigurationError(
+                    f"SQL store option {key} does not apply to SQLite (a local file): "
+                    "busy_timeout bounds the wait for the write lock"
+                )
+    else:
+        parsed.setdefault("connect_timeout", CONNECT_TIMEOUT)
+        parsed.setdefault("read_timeout", READ_TIMEOUT)
     return sa_url.difference_update_query(_OPTIONS), parsed
 
 
@@ -136,7 +289,55 @@ def _engine_args(database: str, sa_url: URL, opts: dict[str, Any]) -> dict[str, 
             args["connect_args"] = {"check_same_thread": False}
             for name in ("pool_size", "max_overflow", "pool_timeout"):
                 args.pop(name, None)
+    else:
+        args["connect_args"] = _timeout_args(sa_url.get_driver_name(), opts)
     return args
+
+
+def _timeout_args(driver: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The connect and read timeouts, in each driver's own terms."""
+    connect, read = opts["connect_timeout"], opts["read_timeout"]
+    if driver in ("psycopg", "psycopg_async"):
+        # libpq takes whole seconds (psycopg enforces at least 2).
+        return {"connect_timeout": max(2, math.ceil(connect))}
+    if driver == "asyncpg":
+        return {"timeout": connect}
+    if driver == "pymysql":
+        return {"connect_timeout": connect, "read_timeout": read, "write_timeout": read}
+    if driver == "aiomysql":
+        # aiomysql has no read or write timeout: the store's asyncio deadline bounds reads.
+        return {"connect_timeout": connect}
+    return {}
+
+
+def _async_deadline(driver: str, opts: dict[str, Any]) -> float | None:
+    """An asyncio deadline per operation, for async drivers without a read timeout."""
+    if driver in ("asyncpg", "aiomysql", "asyncmy"):
+        return float(opts["connect_timeout"] + opts["read_timeout"])
+    return None
+
+
+def _bound_psycopg(engine: Any, read_timeout: float, asynchronous: bool) -> None:
+    """psycopg connections with a read deadline (:mod:`idem_sql.timeouts`)."""
+    from sqlalchemy import event
+
+    from .timeouts import async_connection_class, sync_connection_class
+
+    if asynchronous:
+        cls: Any = async_connection_class(read_timeout)
+
+        @event.listens_for(engine, "do_connect")
+        def _connect_async(dialect: Any, _rec: Any, cargs: Any, cparams: Any) -> Any:
+            # SQLAlchemy's psycopg adapter opens the connection with this factory.
+            cparams["async_creator_fn"] = cls.connect
+            return None
+
+    else:
+        sync_cls: Any = sync_connection_class(read_timeout)
+
+        @event.listens_for(engine, "do_connect")
+        def _connect_sync(dialect: Any, _rec: Any, cargs: Any, cparams: Any) -> Any:
+            return sync_cls.connect(*cargs, **cparams)
 
 
 def _sqlite_pragmas(engine: Any, busy_ms: int) -> None:
@@ -169,8 +370,14 @@ class SQLBackend:
         try:
             sa_url = make_url(target)
         except Exception as exc:
-            raise ConfigurationError(f"not a valid SQL URL: {url!r} ({exc})") from exc
-        sa_url, opts = _split_options(sa_url, options)
+            what = "the port is not a number" if "int()" in str(exc) else str(exc)
+            raise ConfigurationError(f"not a valid SQL URL: {url!r} ({what})") from exc
+        _check_url(url, sa_url, database)
+        sa_url, opts = _split_options(sa_url, options, database)
+        if driver in ("aiomysql", "asyncmy"):
+            # PyMySQL's write_timeout, for the sync store of the same URL; aiomysql has none
+            # (the async store's deadline covers it).
+            sa_url = sa_url.difference_update_query(["write_timeout"])
         if client is None:
             import_driver(_MODULES.get(driver, driver), extra)
         table = opts.get("table", "idem_records")
@@ -203,6 +410,8 @@ class SQLBackend:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine, opts.get("busy_timeout", 5000))
+        elif engine.dialect.driver == "psycopg":
+            _bound_psycopg(engine, opts["read_timeout"], asynchronous=False)
         own(engine)
         return SQLStore(
             sql_for(engine.dialect, table),
@@ -217,7 +426,8 @@ class SQLBackend:
         from sqlalchemy.exc import ArgumentError
         from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-        from .store import AsyncSQLStore, own
+        from .aio import AsyncSQLStore
+        from .caches import own
 
         create = opts.get("create", True)
         label = f"{database} store"
@@ -241,6 +451,8 @@ class SQLBackend:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine.sync_engine, opts.get("busy_timeout", 5000))
+        elif engine.dialect.driver == "psycopg":
+            _bound_psycopg(engine.sync_engine, opts["read_timeout"], asynchronous=True)
         own(engine.sync_engine)
         return AsyncSQLStore(
             sql_for(engine.dialect, table),
@@ -248,6 +460,7 @@ class SQLBackend:
             owns_engine=True,
             create=create,
             label=label,
+            deadline=_async_deadline(engine.dialect.driver, opts),
         )
 
 

@@ -142,6 +142,7 @@ class SQL:
         )
         self.stmt_delete = self._text(f"DELETE FROM {t} WHERE {c['key']} = :key")
         self.stmt_now = self._text(f"SELECT {now}")
+        self.stmt_packet = self._text("SELECT @@max_allowed_packet")
         ret = f" RETURNING {self.cols}" if self.returning else ""
         self.stmt_complete = self._text(
             f"UPDATE {t} SET status = '{_COMPLETED}', result = {self.result_sql()}, "
@@ -274,6 +275,11 @@ class SQL:
 
     def now_program(self) -> Program[int]:
         rows = (yield self.stmt_now, {}).rows
+        return int(rows[0][0])
+
+    def packet_program(self) -> Program[int | None]:
+        """The largest statement the server takes, in bytes (MySQL/MariaDB only)."""
+        rows = (yield self.stmt_packet, {}).rows
         return int(rows[0][0])
 
     def purge(self, batch: int) -> Program[int]:

@@ -30,10 +30,13 @@ MAX_KEY_LENGTH = 255
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
-# MySQL/MariaDB compare VARCHAR case-insensitively and ignore trailing spaces; keys must be
-# compared byte for byte, so they are stored as their UTF-8 bytes there.
+# Keys must compare byte for byte: "k " is not "k", "K" is not "k", and "É" composed (NFC)
+# is not "É" decomposed (NFD). PostgreSQL (deterministic collations break ties by bytes) and
+# SQLite (BINARY collation) do so with VARCHAR; MySQL/MariaDB text collations ignore case or
+# trailing spaces (even utf8mb4_bin is PAD SPACE), so keys are stored there as their UTF-8
+# bytes: 255 characters take at most 1020 bytes.
 _KEY_TYPE = String(MAX_KEY_LENGTH).with_variant(
-    mysql.VARCHAR(MAX_KEY_LENGTH, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+    mysql.VARBINARY(4 * MAX_KEY_LENGTH), "mysql", "mariadb"
 )
 # BLOB tops out at 64 KiB on MySQL/MariaDB.
 _RESULT_TYPE = LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")

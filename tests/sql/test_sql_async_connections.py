@@ -182,7 +182,7 @@ async def test_a_cancelled_call_gives_up_its_connection(astore: Any) -> None:
         rows = yield (text("SELECT pg_sleep(5)"), {})
         return rows
 
-    task = asyncio.ensure_future(astore._run(sleeping))
+    task = asyncio.ensure_future(astore._run(lambda: astore._execute(sleeping())))
     await asyncio.sleep(0.3)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -51,10 +51,11 @@ def count_statements(dbapi_connection: Any, counter: Counter) -> None:
     def seen() -> None:
         counter.statements += 1
 
-    module = type(dbapi_connection).__module__
-    if module.startswith("sqlite3"):
+    # The store's psycopg connections are a subclass (with a read deadline): look at the MRO.
+    modules = [cls.__module__ for cls in type(dbapi_connection).__mro__]
+    if modules[0].startswith("sqlite3"):
         dbapi_connection.set_trace_callback(lambda _sql: seen())
-    elif module.startswith("psycopg"):
+    elif any(module.startswith("psycopg") for module in modules):
         base = dbapi_connection.cursor_factory
 
         class PgCounting(base):  # type: ignore[misc, valid-type]
