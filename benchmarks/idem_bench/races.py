@@ -499,17 +499,15 @@ def skew(spec: Spec, skews: tuple[float, ...] = (0.5, 5.0, -5.0, 60.0, -60.0)) -
 
 def _ensure_table(spec: Spec) -> None:
     """A DynamoDB table may be missing when only races run (the latency rigs create it)."""
-    setup = getattr(spec.store, "setup", None) if spec.store is not None else None
-    if spec.store is None and spec.target.kind == "dynamodb":
-        from idem_core import open_store
+    if spec.store is not None or spec.target.kind != "dynamodb":
+        return
+    from idem_core import open_store
 
-        store = open_store(race_url(spec.target, spec.tag))
-        try:
-            store.setup()  # type: ignore[attr-defined]
-        finally:
-            store.close()
-    elif setup is not None:
-        setup()
+    store = open_store(race_url(spec.target, spec.tag))
+    try:
+        store.setup()  # type: ignore[attr-defined]
+    finally:
+        store.close()
 
 
 def run_races(
