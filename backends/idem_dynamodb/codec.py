@@ -18,8 +18,9 @@ Item = dict[str, Any]
 #: of up to 4 UTF-8 bytes each, so any key this long fits.
 MAX_KEY_PARTITION = 512
 MAX_KEY_SORT = 256
-#: DynamoDB's hard limit on one item, names and values included.
-ITEM_LIMIT = 400 * 1024
+#: DynamoDB's limit on one item, names and values included: "400 KB", read conservatively as
+#: 400,000 bytes (DynamoDB Local enforces 409,600, moto 405,000; both accept this).
+ITEM_LIMIT = 400_000
 # Room for the attributes a completion keeps but does not send (fingerprint, attempt, ...):
 # their exact size is only known to the server, so the check before the write is generous.
 _UNSENT_ALLOWANCE = 2048

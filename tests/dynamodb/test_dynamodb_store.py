@@ -1,14 +1,13 @@
 """What the conformance suite does not cover: request counts, transactions, item size,
-compression, corrupt items, clock skew, setup and diagnostics, errors, clients and fork."""
+compression, corrupt items, clock skew, setup and diagnostics. Errors, clients, fork and URLs
+are in test_dynamodb_clients.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -24,7 +23,6 @@ from idem_core.errors import (
     CorruptRecord,
     LeaseLost,
     ResultNotSerializable,
-    StoreUnavailable,
 )
 from idem_core.record import ClaimOutcome, ClaimRequest, Status
 
@@ -253,6 +251,48 @@ def test_large_compressible_result_is_compressed(server: Server, key: str) -> No
         assert "result_encoding" not in raw and len(raw["result"]["B"]) == 300_000
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "sort_key"])
+def test_max_result_size_fits_next_to_the_longest_key(server: Server, shared: bool) -> None:
+    """``max_result_size`` is a promise: an incompressible result of exactly that size is
+    stored next to the longest key the store accepts; one byte more is refused before any
+    request, the claim untouched."""
+    options: dict[str, Any] = {"sort_key": "sk", "namespace": "limits"} if shared else {}
+    with server.open(SHARED_TABLE if shared else TABLE, **options) as store:
+        limit = store.max_result_size
+        assert 390_000 <= limit < 400_000
+        longest = f"{uuid.uuid4().hex}:" + "🔑" * (store.max_key_length - 33)
+        claimed = store.claim(req(longest))
+        calls = counting(store.client)
+        too_big = os.urandom(limit + 1)
+        with pytest.raises(ResultNotSerializable, match=f"at most {limit} bytes"):
+            store.complete(longest, claimed.fence, too_big, TTL)
+        assert calls.take() == []  # nothing sent, nothing written
+        held = store.get(longest)
+        assert held is not None and held.status is Status.IN_PROGRESS
+        assert held.fence == claimed.fence and held.result is None
+        exact = os.urandom(limit)
+        done = store.complete(longest, claimed.fence, exact, TTL)
+        assert done.result == exact
+        replay = store.claim(req(longest))
+        assert replay.outcome is ClaimOutcome.COMPLETED and replay.record.result == exact
+
+
+async def test_async_too_large_result_writes_nothing(server: Server, key: str) -> None:
+    store = BACKEND.open_async(server.url(compress_above="off"))
+    try:
+        claimed = await store.claim(req(key))
+        calls = counting(await store._get_client())
+        with pytest.raises(ResultNotSerializable, match="nothing was written"):
+            await store.complete(key, claimed.fence, b"x" * (store.max_result_size + 1), TTL)
+        assert calls.take() == []
+        held = await store.get(key)
+        assert held is not None and held.status is Status.IN_PROGRESS
+        assert held.fence == claimed.fence
+        await store.complete(key, claimed.fence, b"small", TTL)
+    finally:
+        await store.close()
+
+
 # -- corrupt items ----------------------------------------------------------------------------
 
 
@@ -407,222 +447,3 @@ def test_namespaces_share_a_table(server: Server, key: str) -> None:
         assert raw["Item"]["status"] == {"S": "in_progress"}
         ttl = int(raw["Item"]["ttl"]["N"])
         assert time.time() + TTL < ttl < time.time() + TTL + 10  # epoch seconds
-
-
-# -- errors, clients, fork ----------------------------------------------------------------------
-
-
-def test_unreachable_server_is_store_unavailable(key: str) -> None:
-    with BACKEND.open(
-        "dynamodb://idem_test?region=us-east-1&endpoint_url=http://127.0.0.1:9"
-        "&connect_timeout=0.5&max_attempts=2"
-    ) as store:
-        with pytest.raises(StoreUnavailable) as info:
-            store.claim(req(key))
-        assert info.value.__cause__ is not None
-
-
-def test_missing_table_names_setup(server: Server, key: str) -> None:
-    with (
-        server.open("idem_no_such_table") as store,
-        pytest.raises(StoreUnavailable, match="idem setup"),
-    ):
-        store.get(key)
-
-
-def test_retry_mode_reaches_botocore(server: Server) -> None:
-    with server.open(retry_mode="adaptive", max_attempts=7, read_timeout=2.5) as store:
-        config = store.client.meta.config
-        assert config.retries == {"mode": "adaptive", "total_max_attempts": 7}
-        assert config.read_timeout == 2.5
-
-
-def test_given_client_and_session(server: Server, key: str) -> None:
-    client = boto3.client("dynamodb", region_name=REGION, endpoint_url=server.endpoint)
-    store = BACKEND.open(server.url(), client=client)
-    assert store.client is client
-    store.claim(req(key))
-    store.close()
-    assert client.describe_table(TableName=TABLE)["Table"]["TableName"] == TABLE  # still open
-    session = boto3.session.Session(region_name=REGION)
-    with BACKEND.open(server.url(), client=session) as from_session:
-        assert from_session.get(key) is not None
-    table = session.resource("dynamodb", endpoint_url=server.endpoint).Table(TABLE)
-    with pytest.raises(ConfigurationError, match="not a resource"):
-        BACKEND.open(server.url(), client=table)
-
-
-async def test_async_given_aioboto3_session(server: Server, key: str) -> None:
-    import aioboto3
-
-    session = aioboto3.Session(region_name=REGION)
-    store = BACKEND.open_async(server.url(), client=session)
-    try:
-        assert (await store.claim(req(key))).outcome is ClaimOutcome.CLAIMED
-    finally:
-        await store.close()
-    async with session.client("dynamodb", endpoint_url=server.endpoint) as client:
-        given = BACKEND.open_async(server.url(), client=client)
-        assert (await given.claim(req(key))).outcome is ClaimOutcome.IN_PROGRESS
-        await given.close()
-        await client.describe_table(TableName=TABLE)  # not closed by the store
-
-
-def test_claim_many_runs_side_by_side(store: DynamoDBStore, key: str) -> None:
-    keys = [f"{key}-{i}" for i in range(24)]
-    out = store.claim_many([req(k) for k in keys])
-    assert [r.record.key for r in out] == keys
-    assert {r.outcome for r in out} == {ClaimOutcome.CLAIMED}
-
-
-async def test_async_claim_many_gathers(server: Server, key: str) -> None:
-    store = BACKEND.open_async(server.url())
-    try:
-        keys = [f"{key}-{i}" for i in range(12)]
-        out = await store.claim_many([req(k) for k in keys])
-        assert [r.record.key for r in out] == keys
-        again = await asyncio.gather(store.claim_many([req(k) for k in keys]))
-        assert {r.outcome for r in again[0]} == {ClaimOutcome.IN_PROGRESS}
-    finally:
-        await store.close()
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_builds_its_own_client(store: DynamoDBStore, key: str) -> None:
-    parent_client = store.client
-    store.claim(req(key))
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report and leave without pytest's teardown
-        status = 1
-        try:
-            child_client = store.client
-            rec = store.get(key)
-            fresh = store.claim(req(f"{key}-child"))
-            ok = child_client is not parent_client and rec is not None and fresh.outcome.acquired
-            status = 0 if ok else 2
-        finally:
-            os.write(write, bytes([status]))
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        status = pipe.read(1)
-    os.waitpid(pid, 0)
-    assert status == b"\x00"
-    assert store.client is parent_client
-    assert store.get(f"{key}-child") is not None
-
-
-# -- the URL ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "match"),
-    [
-        ("dynamodb://", "table name"),
-        ("dynamodb://ab", "table name"),
-        ("dynamodb://t_1?bogus=1", "unknown dynamodb:// option"),
-        ("dynamodb://t_1?retry_mode=fast", "retry_mode"),
-        ("dynamodb://t_1?skew_allowance=soon", "skew_allowance must be a number"),
-        ("dynamodb://t_1?skew_allowance=-1", "skew_allowance must be >= 0"),
-        ("dynamodb://t_1?skew=1", "skew= was replaced by skew_allowance="),
-        ("dynamodb://t_1?sort_key=pk", "sort_key must differ"),
-        ("dynamodb://t_1?endpoint_url=notaurl", "endpoint_url must be an http"),
-        ("dynamodb://t_1?endpoint_url=ftp://host", "endpoint_url must be an http"),
-        ("dynamodb://t_1?endpoint_url=http://127.0.0.1:port", "endpoint_url .* not a valid"),
-        ("dynamodb://t_1?endpoint_url=http://127.0.0.1:99999", "endpoint_url .* not a valid"),
-        ("dynamodb://t_1?connect_timeout=fast", "connect_timeout must be a number"),
-        ("dynamodb://t_1?read_timeout=0", "read_timeout must be a positive"),
-        ("dynamodb://t_1?read_timeout=inf", "read_timeout must be a positive"),
-        ("dynamodb://t_1?connect_timeout=nan", "connect_timeout must be a positive"),
-        ("dynamodb://t_1?max_attempts=2.5", "max_attempts must be an integer"),
-        ("dynamodb://t_1?max_attempts=0", "max_attempts must be at least 1"),
-        ("dynamodb://t_1?pool_size=many", "pool_size must be an integer"),
-        ("dynamodb://t_1?compress_above=big", "compress_above must be an integer"),
-        ("dynamodb://t_1?region=eu-west-1&timeout=3", "unknown dynamodb:// option.* timeout"),
-    ],
-)
-def test_bad_urls(url: str, match: str) -> None:
-    """Refused when the store is built, before any request, naming the parameter."""
-    with pytest.raises(ConfigurationError, match=match):
-        BACKEND.open(url)
-    with pytest.raises(ConfigurationError, match=match):
-        BACKEND.open_async(url)
-
-
-def test_url_options_and_keyword_overrides() -> None:
-    store = BACKEND.open(
-        "dynamodb://my.table-1?region=eu-west-1&sort_key=sk&namespace=orders"
-        "&skew_allowance=0.25&compress_above=off&ttl_attr=expiration&connect_timeout=1.5"
-        "&read_timeout=2&max_attempts=3&endpoint_url=http://localhost:8000",
-        skew_allowance=120,
-    )
-    s = store.settings
-    assert (s.table, s.region, s.sort_key, s.namespace) == (
-        "my.table-1",
-        "eu-west-1",
-        "sk",
-        "orders",
-    )
-    assert s.skew_allowance == 120 and s.compress_above is None and s.ttl_attr == "expiration"
-    assert (s.connect_timeout, s.read_timeout, s.max_attempts) == (1.5, 2.0, 3)
-    assert s.endpoint_url == "http://localhost:8000"
-    # 3 attempts of 1.5 + 2 s, and botocore's backoff of at most 1 then 2 s between them
-    assert s.unavailable_within == 3 * 3.5 + 1 + 2
-    assert store.max_key_length == 256 and store.server_clock is False
-    store.close()
-
-
-@pytest.fixture
-def _no_region(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-
-
-@pytest.mark.usefixtures("_no_region")
-def test_missing_region_is_a_configuration_error(key: str) -> None:
-    with (
-        BACKEND.open("dynamodb://idem_test") as store,
-        pytest.raises(ConfigurationError, match="region"),
-    ):
-        store.get(key)
-
-
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self.data
-
-
-def _throttle(times: int) -> Any:
-    """A before-send hook answering the first ``times`` PutItem sends with throttling, as an
-    overloaded partition does; botocore's retry mode decides what happens next."""
-    from botocore.awsrequest import AWSResponse
-
-    left = [times]
-
-    def hook(request: Any, **_: Any) -> Any:
-        if left[0] <= 0:
-            return None
-        left[0] -= 1
-        body = b'{"__type":"com.amazonaws.dynamodb.v20120810#ThrottlingException",'
-        body += b'"message":"Rate of requests exceeds the allowed throughput."}'
-        headers = {"x-amzn-ErrorType": "ThrottlingException"}
-        return AWSResponse(request.url, 400, headers, _Body(body))
-
-    return hook
-
-
-def test_throttling_is_retried_then_unavailable(server: Server, key: str) -> None:
-    with server.open(max_attempts=3) as store:
-        store.client.meta.events.register("before-send.dynamodb.PutItem", _throttle(2))
-        assert store.claim(req(key)).outcome is ClaimOutcome.CLAIMED  # third attempt
-    with server.open(max_attempts=2) as store:
-        store.client.meta.events.register("before-send.dynamodb.PutItem", _throttle(5))
-        with pytest.raises(StoreUnavailable, match="Throttling") as info:
-            store.claim(req(f"{key}-2"))
-        cause = info.value.__cause__
-        assert cause is not None and type(cause).__name__ == "ThrottlingException"
