@@ -476,7 +476,6 @@ def skew(spec: Spec, skews: tuple[float, ...] = (0.5, 5.0, -5.0, 60.0, -60.0)) -
     out: dict[str, Any] = {}
     lease = 2.0
     held = dataclasses.replace(spec, lease=lease)
-    _ensure_table(spec)
     for s in skews:
         key = f"skew-{uuid.uuid4().hex[:8]}"
         a = _Holder(dataclasses.replace(held, store=held.store), key, "A")
@@ -519,6 +518,8 @@ def run_races(
 
         # every worker of an in-process race shares one store
         spec = dataclasses.replace(spec, store=open_store(spec.target.url))
+    if spec.system == "idem-core":
+        _ensure_table(spec)
     for name in which:
         if name == "skew":
             if spec.system != "idem-core":
