@@ -3,32 +3,67 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any, TypeVar
 
 from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 from idem_core.registry import import_driver
 
-from .plans import Failed, Plan, Plans, sleep_seconds
+from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
+from .plans import Plan, sleep_seconds
 from .settings import Settings
-from .store import (
-    MAX_KEY_PARTITION,
-    MAX_KEY_SORT,
-    client_config,
-    is_client,
-    low_level,
-    unavailable,
-)
 
 T = TypeVar("T")
+_running = asyncio.get_running_loop
 
 
-class AsyncDynamoDBStore:
+class _Bound:
+    """The store's own client in one event loop, and the guard that closes it there.
+
+    aiohttp's session belongs to the loop it was opened in and can only be closed inside
+    it. A store is often abandoned, not closed, when its loop ends (``asyncio.run`` returns;
+    ``Idempotency`` keeps one async store per loop). The guard is an async generator started
+    in the loop: ``asyncio.run`` (and ``asyncio.Runner``, pytest-asyncio) call
+    ``loop.shutdown_asyncgens()`` before closing the loop, which runs the guard's ``finally``
+    while the loop still runs, so the client is closed cleanly and nothing is reported.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.context: Any = None
+        self.client: Any = None
+        self.guard: AsyncGenerator[None, None] | None = None
+        self.lock = asyncio.Lock()
+
+    async def start_guard(self) -> None:
+        self.guard = _guard(self)
+        await self.guard.__anext__()
+
+    async def aclose(self) -> None:
+        context, self.context, self.client = self.context, None, None
+        if context is not None:
+            await context.__aexit__(None, None, None)
+
+
+async def _guard(bound: _Bound) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        # Only when the loop shuts its async generators down (or the store is dropped while
+        # the loop runs): close quietly, an error here would be printed by the loop.
+        with contextlib.suppress(Exception):
+            await bound.aclose()
+
+
+class AsyncDynamoDBStore(Shared):
     """The asyncio twin of :class:`~idem_dynamodb.store.DynamoDBStore`: same table, same rules.
 
-    The client is created on first use inside the running event loop and belongs to it.
+    The store's own client is created on first use inside the running event loop and
+    belongs to it; once that loop has closed, the next use in another loop builds a new
+    client. Using the store from two live loops at once is refused: open one per loop.
+    A given client is used as is, in whatever loop the caller uses it.
     """
 
     server_clock = False
@@ -36,77 +71,69 @@ class AsyncDynamoDBStore:
     def __init__(self, settings: Settings, client: Any = None) -> None:
         import_driver("aiobotocore", "dynamodb")
         self._botocore_exc = import_driver("botocore.exceptions", "dynamodb")
-        self.settings = settings
-        self.plans = Plans(settings)
-        self.max_key_length = MAX_KEY_SORT if settings.sort_key else MAX_KEY_PARTITION
-        client = low_level(client)
-        self._given = client if client is not None and is_client(client) else None
-        self._session = client if client is not None and self._given is None else None
-        if self._session is not None and not (
-            hasattr(self._session, "client") or hasattr(self._session, "create_client")
-        ):
-            raise ConfigurationError(
-                "client= must be an aiobotocore/aioboto3 DynamoDB client or session, "
-                f"got {type(client)!r}"
-            )
-        self._client: Any = None
-        self._context: Any = None
-        self._lock: asyncio.Lock | None = None
-        self._pid = os.getpid()
+        super().__init__(settings)
+        self._given, self._session = split_client(client, "an aiobotocore/aioboto3")
+        self._fork = ForkGuard(self._given)
+        self._bound: _Bound | None = None
+
+    # -- the client -----------------------------------------------------------------------
 
     async def _get_client(self) -> Any:
-        if self._pid != os.getpid():
-            # A forked child must not touch the parent's connections: start afresh.
-            self._pid = os.getpid()
-            self._client = self._context = self._lock = None
-            if self._given is not None:
-                raise ConfigurationError(
-                    "an async DynamoDB store opened with client= cannot be used after "
-                    "os.fork(); open the store again in the child"
-                )
+        if self._fork.forked():
+            # The parent's connections are not ours: drop them without closing.
+            self._bound = None
+        bound = self._bound
+        if bound is not None and bound.client is not None and bound.loop is _running():
+            return bound.client
+        return await self._slow_client()
+
+    async def _slow_client(self) -> Any:
+        self._fork.check_given()
         if self._given is not None:
             return self._given
-        if self._client is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
-                if self._client is None:
-                    self._client = await self._build()
-        return self._client
+        loop = asyncio.get_running_loop()
+        bound = self._bound
+        if bound is not None and bound.loop is not loop:
+            if not bound.loop.is_closed():
+                raise ConfigurationError(
+                    "this async DynamoDB store's client belongs to another event loop that is "
+                    "still open; open one store per event loop"
+                )
+            bound = None  # its loop is gone: abandoned (closed by its guard, if it ran)
+        if bound is None:
+            bound = self._bound = _Bound(loop)
+        async with bound.lock:
+            if bound.client is None:
+                context = self._client_context()
+                try:
+                    bound.client = await context.__aenter__()
+                except self._botocore_exc.BotoCoreError as exc:
+                    raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
+                bound.context = context
+                if bound.guard is None:
+                    await bound.start_guard()
+        return bound.client
 
-    async def _build(self) -> Any:
+    def _client_context(self) -> Any:
         s = self.settings
-        config = client_config(s, import_driver("aiobotocore.config", "dynamodb").AioConfig)
-        kwargs: dict[str, Any] = {"config": config}
-        if s.endpoint_url:
-            kwargs["endpoint_url"] = s.endpoint_url
-        if s.region:
-            kwargs["region_name"] = s.region
+        kwargs = client_kwargs(s, import_driver("aiobotocore.config", "dynamodb").AioConfig)
         try:
             if self._session is not None:
-                if hasattr(self._session, "create_client"):
-                    context = self._session.create_client("dynamodb", **kwargs)
-                else:
-                    context = self._session.client("dynamodb", **kwargs)
-            else:
-                session_mod = import_driver("aiobotocore.session", "dynamodb")
-                session = session_mod.AioSession(profile=s.profile)
-                if not s.region and not session.get_config_variable("region"):
-                    raise ConfigurationError(
-                        "no AWS region: add ?region=... to the dynamodb:// URL or set AWS_REGION"
-                    )
-                context = session.create_client("dynamodb", **kwargs)
-            client = await context.__aenter__()
+                return session_client(self._session, kwargs)
+            session_mod = import_driver("aiobotocore.session", "dynamodb")
+            session = session_mod.AioSession(profile=s.profile)
+            if not s.region and not session.get_config_variable("region"):
+                raise no_region()
+            return session.create_client("dynamodb", **kwargs)
         except self._botocore_exc.BotoCoreError as exc:
             raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
-        self._context = context
-        return client
+
+    # -- the driver: every request of every operation passes here -------------------------
 
     async def _run(self, plan: Plan[T]) -> T:
-        client = await self._get_client()
-        client_error = self._botocore_exc.ClientError
-        boto_error = self._botocore_exc.BotoCoreError
         try:
+            client = await self._get_client()
+            transient = self.errors.transient
             call = next(plan)
             while True:
                 pause = sleep_seconds(call)
@@ -114,16 +141,10 @@ class AsyncDynamoDBStore:
                     await asyncio.sleep(pause)
                     call = plan.send({})
                     continue
-                reply: dict[str, Any] | Failed
                 try:
                     reply = await getattr(client, call.op)(**call.kwargs)
-                except client_error as exc:
-                    code = str(exc.response.get("Error", {}).get("Code", ""))
-                    if code not in call.expect:
-                        raise unavailable(self.settings, exc) from exc
-                    reply = Failed(code, exc.response, exc)
-                except (boto_error, OSError) as exc:
-                    raise unavailable(self.settings, exc) from exc
+                except transient as exc:
+                    reply = self.errors.reply(call, exc)
                 call = plan.send(reply)
         except StopIteration as stop:
             value: T = stop.value
@@ -168,9 +189,22 @@ class AsyncDynamoDBStore:
         return self.plans.clock()
 
     async def close(self) -> None:
-        context, self._context, self._client = self._context, None, None
-        if context is not None and self._pid == os.getpid():
-            await context.__aexit__(None, None, None)
+        """Close the store's own client, inside the loop it belongs to; a client whose loop
+        is gone (or another process's) is dropped unclosed."""
+        bound, self._bound = self._bound, None
+        if self._fork.forked() or bound is None:
+            return
+        guard, bound.guard = bound.guard, None
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if bound.loop is running:
+            await bound.aclose()
+            if guard is not None:
+                await guard.aclose()  # finished: nothing left for the loop's shutdown
+
+    aclose = close
 
     # -- optional capabilities ------------------------------------------------------------
 

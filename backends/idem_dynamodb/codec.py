@@ -14,8 +14,13 @@ from .settings import Settings
 
 Item = dict[str, Any]
 
-#: DynamoDB's hard limit on one item, names and values included.
-ITEM_LIMIT = 400 * 1024
+#: DynamoDB keys: 2048 bytes for a partition key, 1024 for a sort key. Counted in characters
+#: of up to 4 UTF-8 bytes each, so any key this long fits.
+MAX_KEY_PARTITION = 512
+MAX_KEY_SORT = 256
+#: DynamoDB's limit on one item, names and values included: "400 KB", read conservatively as
+#: 400,000 bytes (DynamoDB Local enforces 409,600, moto 405,000; both accept this).
+ITEM_LIMIT = 400_000
 # Room for the attributes a completion keeps but does not send (fingerprint, attempt, ...):
 # their exact size is only known to the server, so the check before the write is generous.
 _UNSENT_ALLOWANCE = 2048
@@ -37,6 +42,9 @@ CREATED = "created_at"
 UPDATED = "updated_at"
 RESULT = "result"
 ENCODING = "result_encoding"
+#: a random token that every claim and renewal replaces: a claimer that watched the same
+#: version for a whole lease knows the holder stopped renewing, whatever the clocks say
+VERSION = "version"
 
 
 class Codec:
@@ -56,7 +64,11 @@ class Codec:
             "#r": RESULT,
             "#z": ENCODING,
             "#t": settings.ttl_attr,
+            "#v": VERSION,
         }
+        self.max_key_length = MAX_KEY_SORT if settings.sort_key else MAX_KEY_PARTITION
+        #: bytes of stored (compressed, when that applies) result an item can hold
+        self.max_result_size = self._max_result_size()
 
     # -- keys -----------------------------------------------------------------------------
 
@@ -73,12 +85,16 @@ class Codec:
     # -- records --------------------------------------------------------------------------
 
     def ttl_seconds(self, expires_at: int) -> int:
-        """The TTL attribute: after our own expiry plus the skew allowance, rounded up."""
-        return -(-(expires_at + self.settings.skew_us) // 1_000_000) + 1
+        """The TTL attribute: after our own expiry plus the skew allowance, rounded up, so
+        DynamoDB (on AWS's clock) never deletes a record a worker within the allowance of the
+        true time may still hold."""
+        return -(-(expires_at + self.settings.skew_allowance_us) // 1_000_000) + 1
 
-    def item(self, record: Record) -> Item:
+    def item(self, record: Record, version: str | None = None) -> Item:
         """A whole item for ``record`` (claims write every attribute)."""
         item = self.key(record.key)
+        if version is not None:
+            item[VERSION] = {"S": version}
         item.update(
             {
                 STATUS: {"S": record.status.value},
@@ -131,6 +147,14 @@ class Codec:
                 f"an idempotency record: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def version(self, item: Item, record: Record) -> str:
+        """The lease version of an item; items written before versions existed get one made
+        of the attributes every claim and renewal changed then."""
+        value = item.get(VERSION, {}).get("S")
+        if isinstance(value, str):
+            return value
+        return f"~{record.fence}:{record.lease_expires_at}:{record.updated_at}"
+
     def with_result(self, record: Record, result: bytes | None) -> Record:
         return msgspec.structs.replace(record, result=result)
 
@@ -170,10 +194,26 @@ class Codec:
             self._zstd = import_driver("zstandard", "dynamodb")
         return self._zstd
 
+    def _max_result_size(self) -> int:
+        """The most bytes of (stored) result an item can hold next to everything else a
+        record carries, for the longest key this store accepts: DynamoDB's 400 KB counts
+        attribute names and values. Conservative, and the same for every key."""
+        s = self.settings
+        other = len(s.key_attr.encode()) + 4 * self.max_key_length
+        if s.sort_key is not None:
+            other += len(s.sort_key.encode()) + len(s.namespace.encode())
+        for name in (FENCE, LEASE, EXPIRES, CREATED, UPDATED, s.ttl_attr):
+            other += len(name.encode()) + _NUMBER_SIZE
+        other += len(STATUS) + len(Status.IN_PROGRESS.value)
+        other += len(VERSION) + 16 + len(RESULT) + len(ENCODING) + len(_ZSTD)
+        # fingerprint and attempt: the core's are 32-64 characters; keep far more room.
+        other += len(FINGERPRINT) + len(ATTEMPT) + _UNSENT_ALLOWANCE
+        return (ITEM_LIMIT - other) // 1024 * 1024
+
     def check_size(self, key: str, result: bytes, stored: bytes) -> None:
-        """Refuse, before writing, a completion whose item would pass the 400 KB limit."""
-        size = self.estimated_size(key, stored)
-        if size <= ITEM_LIMIT:
+        """Refuse, before writing, a result the item cannot hold."""
+        limit = self.max_result_size
+        if len(stored) <= limit:
             return
         if stored is not result:
             how = f"{len(stored)} bytes after zstd compression"
@@ -182,18 +222,9 @@ class Codec:
         else:
             how = "not compressed"
         raise ResultNotSerializable(
-            f"the result for key {key!r} is {len(result)} bytes ({how}), which would make a "
-            f"DynamoDB item of about {size} bytes, over the 400 KB item limit; nothing was "
-            "written. Store large results elsewhere (e.g. S3) and return a reference, or set "
-            "compress_above= to compress them."
+            f"the result for key {key!r} is {len(result)} bytes ({how}); this DynamoDB store "
+            f"stores at most {limit} bytes (max_result_size: the 400 KB item limit less the "
+            "record's other attributes); nothing was written and the claim is still held. "
+            "Store large results elsewhere (e.g. S3) and return a reference"
+            + (", or set compress_above= to compress them." if how == "compression is off" else ".")
         )
-
-    def estimated_size(self, key: str, stored: bytes) -> int:
-        s = self.settings
-        size = len(RESULT) + len(stored) + len(ENCODING) + len(_ZSTD)
-        size += len(s.key_attr.encode()) + len(key.encode())
-        if s.sort_key is not None:
-            size += len(s.sort_key.encode()) + len(s.namespace.encode())
-        for name in (STATUS, FENCE, LEASE, EXPIRES, CREATED, UPDATED, s.ttl_attr):
-            size += len(name) + _NUMBER_SIZE
-        return size + _UNSENT_ALLOWANCE

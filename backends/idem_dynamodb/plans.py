@@ -12,6 +12,7 @@ The write conditions are the translation of :func:`idem_core.machine.takeable` a
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import threading
 from collections.abc import Generator, Sequence
 from typing import Any, TypeVar
@@ -37,12 +38,20 @@ _CLAIM_TRIES = 16
 _RENEW_TRIES = 4
 _PROBE_KEY = "__idem_probe__"
 _CACHE_SIZE = 4096
+# Leases being watched per store; forgetting one only delays its takeover.
+_WATCH_SIZE = 65536
 
-# machine.takeable: absent, expired, or in progress with a lapsed (or released) lease. Judged
-# at ``:judged``, our clock minus the skew allowance, so a worker whose clock runs ahead of
-# the holder's by up to ``skew`` does not take a lease over early.
-TAKEABLE = "(attribute_not_exists(#k) OR #e <= :judged OR (#st = :ip AND #l <= :judged))"
-# machine.holds: in progress with this fence, not released, not expired.
+# When a claim may overwrite the stored item by the wall clock alone: absent; COMPLETED and
+# expired by our clock (the replay window is a wall-clock promise); IN_PROGRESS and released,
+# or its lease ended more than the skew allowance ago (``:far`` is our clock minus it). A live
+# lease is otherwise taken over only by a claimer that watched it (see ``Plans.watched``).
+TAKEABLE = (
+    "(attribute_not_exists(#k) OR (#st <> :ip AND #e <= :now)"
+    " OR (#st = :ip AND (#l = :released OR #l <= :far)))"
+)
+# A takeover of a lease this store watched for a whole lease: nobody changed it meanwhile.
+WATCHED = "(#st = :ip AND #f = :prev AND #v = :ver)"
+WATCHED_LEGACY = "(#st = :ip AND #f = :prev AND attribute_not_exists(#v) AND #l = :plapse)"
 HOLDS = "(#st = :ip AND #f = :fence AND #l <> :released AND #e > :now)"
 
 
@@ -63,6 +72,18 @@ class Failed:
 
 Reply = dict[str, Any] | Failed
 Plan = Generator[Call, Reply, T]
+
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """A stored record and its lease version."""
+
+    record: Record
+    version: str
+
+
+def new_version() -> str:
+    return secrets.token_hex(8)
 
 
 class TransactionCanceled(IdempotencyError):
@@ -89,12 +110,15 @@ class Plans:
         self.settings = settings
         self.codec = Codec(settings)
         self.clock = settings.clock
+        self.monotonic = settings.monotonic
         #: whether failed conditions return the old item; None until a claim shows it
         self.returns_old: bool | None = None
         self._last_fence = 0
         # Records this store claimed, so a transactional completion (which cannot return the
         # old item) still builds its result record with the machine without another read.
         self._claimed: dict[tuple[str, int], Record] = {}
+        # key -> (lease version, monotonic microseconds when this store first saw it)
+        self._watch: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     # -- helpers --------------------------------------------------------------------------
@@ -117,7 +141,7 @@ class Plans:
         with self._lock:
             return self._claimed.pop((key, fence), None)
 
-    def _read(self, key: str, *, projection: bool = False) -> Plan[Record | None]:
+    def _read_item(self, key: str, *, projection: bool = False) -> Plan[dict[str, Any] | None]:
         kwargs: dict[str, Any] = {**self._base(key), "ConsistentRead": True}
         if projection:
             # Everything but the (possibly large) result.
@@ -130,9 +154,20 @@ class Plans:
                 kwargs["ExpressionAttributeNames"]["#sk"] = self.settings.sort_key
         reply = yield Call("get_item", kwargs, frozenset())
         assert isinstance(reply, dict)
-        return self.codec.record(reply.get("Item"))
+        item: dict[str, Any] | None = reply.get("Item")
+        return item
 
-    def _old(self, failed: Failed, key: str, *, must_exist: bool = False) -> Plan[Record | None]:
+    def _read(self, key: str, *, projection: bool = False) -> Plan[Record | None]:
+        item = yield from self._read_item(key, projection=projection)
+        return self.codec.record(item)
+
+    def _seen(self, item: dict[str, Any] | None) -> Seen | None:
+        record = self.codec.record(item)
+        if record is None or item is None:
+            return None
+        return Seen(record, self.codec.version(item, record))
+
+    def _old_seen(self, failed: Failed, key: str, *, must_exist: bool = False) -> Plan[Seen | None]:
         """The item a failed condition saw: from the failure itself, or one consistent read.
 
         ``must_exist`` says the condition could only fail on an existing item, so a failure
@@ -144,69 +179,161 @@ class Plans:
             item = reasons[0].get("Item")
         if item is not None:
             self.returns_old = True
-            return self.codec.record(item)
+            return self._seen(item)
         if must_exist:
             self.returns_old = False
         if self.returns_old:
             return None
-        return (yield from self._read(key))
+        item = yield from self._read_item(key)
+        return self._seen(item)
+
+    def _old(self, failed: Failed, key: str, *, must_exist: bool = False) -> Plan[Record | None]:
+        seen = yield from self._old_seen(failed, key, must_exist=must_exist)
+        return None if seen is None else seen.record
+
+    # -- watching leases ------------------------------------------------------------------
+
+    def watched(self, seen: Seen) -> bool:
+        """Whether this store has seen ``seen``'s lease version, unchanged, for at least the
+        lease's duration on its own monotonic clock: its holder has stopped renewing.
+
+        The duration is the holder's (its lease end minus the time of its write, both from
+        its clock), and the watch starts when a reply showed us the version, after the
+        holder's write: so the holder's lease, by the holder's own clock rate, has ended. No
+        comparison between two machines' wall clocks is involved.
+        """
+        record = seen.record
+        now = self.monotonic()
+        key = record.key
+        with self._lock:
+            first = self._watch.get(key)
+            if first is None or first[0] != seen.version:
+                self._watch.pop(key, None)
+                if len(self._watch) >= _WATCH_SIZE:
+                    self._watch.pop(next(iter(self._watch)))
+                self._watch[key] = (seen.version, now)
+                first = (seen.version, now)
+        return now - first[1] >= record.lease_expires_at - record.updated_at
+
+    def _wrote(self, key: str, version: str) -> None:
+        """Our own claim or renewal: watched from now (after its reply), like anyone's."""
+        now = self.monotonic()
+        with self._lock:
+            self._watch.pop(key, None)
+            if len(self._watch) >= _WATCH_SIZE:
+                self._watch.pop(next(iter(self._watch)))
+            self._watch[key] = (version, now)
+
+    def _unwatch(self, key: str) -> None:
+        with self._lock:
+            self._watch.pop(key, None)
+
+    def wall_takeable(self, record: Record, now: int) -> bool:
+        """The Python twin of TAKEABLE."""
+        if record.status is not Status.IN_PROGRESS:
+            return record.expires_at <= now
+        lease = record.lease_expires_at
+        return lease == RELEASED or lease <= now - self.settings.skew_allowance_us
 
     # -- claim ----------------------------------------------------------------------------
 
     def claim(self, request: ClaimRequest) -> Plan[ClaimResult]:
         now = self.clock()
-        judged = now - self.settings.skew_us
         key = request.key
-        # None: no idea what is stored; first try assumes our clock is past the stored fence.
-        known: tuple[Record | None] | None = None
+        # None: no idea what is stored; the first try assumes our clock is past the stored
+        # fence. Afterwards, exactly what a failed try found.
+        known: tuple[Seen | None] | None = None
+        watched = False
         for _ in range(_CLAIM_TRIES):
             floor = self._last_fence + 1
-            current = None if known is None else known[0]
+            current = None if known is None or known[0] is None else known[0].record
             _, record = machine.new_claim(current, request, now, floor)
-            values: dict[str, Any] = {
-                ":judged": {"N": str(judged)},
-                ":ip": {"S": Status.IN_PROGRESS.value},
-            }
-            if known is None:
-                fence_rule = "(attribute_not_exists(#f) OR #f < :fence)"
-                values[":fence"] = {"N": str(record.fence)}
-            elif current is None:
-                fence_rule = "attribute_not_exists(#k)"
-            else:
-                fence_rule = "#f = :prev"
-                values[":prev"] = {"N": str(current.fence)}
+            version = new_version()
             kwargs: dict[str, Any] = {
                 "TableName": self.settings.table,
-                "Item": self.codec.item(record),
-                "ConditionExpression": f"{TAKEABLE} AND {fence_rule}",
-                "ExpressionAttributeNames": self._names("#k", "#e", "#st", "#l", "#f"),
-                "ExpressionAttributeValues": values,
+                "Item": self.codec.item(record, version),
                 "ReturnValues": "ALL_OLD",
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
-            if fence_rule == "attribute_not_exists(#k)":
-                del values[":judged"], values[":ip"]
-                kwargs["ConditionExpression"] = fence_rule
-                kwargs["ExpressionAttributeNames"] = self._names("#k")
+            kwargs.update(self._claim_condition(known, now, record.fence, watched))
             reply = yield Call("put_item", kwargs)
             if isinstance(reply, Failed):
-                old = yield from self._old(reply, key, must_exist=known is None)
-                if old is not None and not machine.takeable(old, judged):
-                    return ClaimResult(machine.classify(old, request, now), old)
-                # Takeable yet refused: the stored fence is ahead of our clock, or the item
-                # changed in between. Try again on exactly what is there now.
-                known = (old,)
-                continue
+                seen = yield from self._old_seen(reply, key, must_exist=known is None)
+                known, watched = (seen,), False
+                if seen is None:
+                    continue  # gone meanwhile: claim an absent key
+                old = seen.record
+                if self.wall_takeable(old, now):
+                    # Takeable yet refused: the stored fence is ahead of our clock, or the
+                    # item changed in between. Try again on exactly what is there now.
+                    continue
+                if old.status is Status.IN_PROGRESS and self.watched(seen):
+                    watched = True
+                    continue
+                if old.status is not Status.IN_PROGRESS:
+                    self._unwatch(key)
+                return ClaimResult(machine.classify(old, request, now), old)
             try:
                 previous = self.codec.record(reply.get("Attributes"))
             except IdempotencyError:
                 previous = None  # a corrupt item the condition let us replace
             outcome, _ = machine.new_claim(previous, request, now, floor)
             self._remember(record)
+            self._wrote(key, version)
             return ClaimResult(outcome, record)
         raise StoreUnavailable(
             f"claim of key {key!r} kept losing races after {_CLAIM_TRIES} conditional writes"
         )
+
+    def _claim_condition(
+        self, known: tuple[Seen | None] | None, now: int, fence: int, watched: bool
+    ) -> dict[str, Any]:
+        """The condition of a claim's write, given what the previous try found."""
+        if known is not None and known[0] is None:
+            return {
+                "ConditionExpression": "attribute_not_exists(#k)",
+                "ExpressionAttributeNames": self._names("#k"),
+            }
+        ip = {"S": Status.IN_PROGRESS.value}
+        if known is None:
+            return {
+                "ConditionExpression": f"{TAKEABLE} AND (attribute_not_exists(#f) OR #f < :fence)",
+                "ExpressionAttributeNames": self._names("#k", "#e", "#st", "#l", "#f"),
+                "ExpressionAttributeValues": self._takeable_values(now)
+                | {":fence": {"N": str(fence)}},
+            }
+        seen = known[0]
+        assert seen is not None
+        prev = {"N": str(seen.record.fence)}
+        if not watched:
+            return {
+                "ConditionExpression": f"{TAKEABLE} AND #f = :prev",
+                "ExpressionAttributeNames": self._names("#k", "#e", "#st", "#l", "#f"),
+                "ExpressionAttributeValues": self._takeable_values(now) | {":prev": prev},
+            }
+        if seen.version.startswith("~"):  # an item from before lease versions
+            return {
+                "ConditionExpression": WATCHED_LEGACY,
+                "ExpressionAttributeNames": self._names("#st", "#f", "#v", "#l"),
+                "ExpressionAttributeValues": {
+                    ":ip": ip,
+                    ":prev": prev,
+                    ":plapse": {"N": str(seen.record.lease_expires_at)},
+                },
+            }
+        return {
+            "ConditionExpression": WATCHED,
+            "ExpressionAttributeNames": self._names("#st", "#f", "#v"),
+            "ExpressionAttributeValues": {":ip": ip, ":prev": prev, ":ver": {"S": seen.version}},
+        }
+
+    def _takeable_values(self, now: int) -> dict[str, Any]:
+        return {
+            ":now": {"N": str(now)},
+            ":far": {"N": str(now - self.settings.skew_allowance_us)},
+            ":released": {"N": str(RELEASED)},
+            ":ip": {"S": Status.IN_PROGRESS.value},
+        }
 
     # -- complete -------------------------------------------------------------------------
 
@@ -302,6 +429,7 @@ class Plans:
             old = yield from self._old(reply, key)
             return machine.after_failed_complete(old, key, fence, now)
         held = self._forget(key, fence)
+        self._unwatch(key)
         if not items:
             held = self.codec.record(reply.get("Attributes")) or held
         if held is None:
@@ -332,6 +460,7 @@ class Plans:
             },
         )
         self._forget(key, fence)
+        self._unwatch(key)
         if isinstance(reply, Failed):
             old = yield from self._old(reply, key)
             machine.after_failed_release(old, key, fence, now)
@@ -343,17 +472,20 @@ class Plans:
         # longer than a lease), so only the lease moves and the expiry condition says so.
         expected: Record | None = None
         for _ in range(_RENEW_TRIES):
+            # A new lease version: whoever watches this lease starts over.
+            version = new_version()
             values = self._holds_values(fence, now)
             values[":lend"] = {"N": str(lease_end)}
             values[":upd"] = {"N": str(now)}
-            names = self._names("#st", "#f", "#l", "#e", "#u")
+            values[":ver"] = {"S": version}
+            names = self._names("#st", "#f", "#l", "#e", "#u", "#v")
             if expected is None:
                 condition = f"{HOLDS} AND #e >= :lend"
-                update = "SET #l = :lend, #u = :upd"
+                update = "SET #l = :lend, #u = :upd, #v = :ver"
             else:
                 target = machine.renewed(expected, lease, now)
                 condition = f"{HOLDS} AND #e = :old_exp"
-                update = "SET #l = :lend, #u = :upd, #e = :exp, #t = :ttl"
+                update = "SET #l = :lend, #u = :upd, #v = :ver, #e = :exp, #t = :ttl"
                 names["#t"] = self.settings.ttl_attr
                 values[":old_exp"] = {"N": str(expected.expires_at)}
                 values[":exp"] = {"N": str(target.expires_at)}
@@ -380,6 +512,7 @@ class Plans:
             assert old is not None
             record = machine.renewed(old, lease, now)
             self._remember(record)
+            self._wrote(key, version)
             return record
         raise StoreUnavailable(f"renew of key {key!r} kept losing races")
 
@@ -484,7 +617,8 @@ class Plans:
             "table": s.table,
             "endpoint_url": s.endpoint_url,
             "server_clock": False,
-            "skew_allowance_s": s.skew,
+            "skew_allowance_s": s.skew_allowance,
+            "takeover": "after watching a lease unchanged for its duration (monotonic clock)",
             "compress_above": s.compress_above,
         }
         table = yield from self._describe()

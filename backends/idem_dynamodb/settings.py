@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -15,6 +17,13 @@ from idem_core.registry import url_options
 # DynamoDB table names: 3-255 of these characters.
 _TABLE = re.compile(r"^[A-Za-z0-9_.-]{3,255}$")
 _RETRY_MODES = ("standard", "adaptive", "legacy")
+# Attribute names: non-empty, at most 255 bytes (DynamoDB's limit for key attributes).
+_MAX_NAME = 255
+
+
+def monotonic_clock() -> int:
+    """Microseconds of ``time.monotonic``: how long a claimer has watched a lease."""
+    return time.monotonic_ns() // 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,22 +46,40 @@ class Settings:
     read_timeout: float = 5.0
     retry_mode: str = "standard"
     max_attempts: int = 4
-    #: seconds another worker's clock may run ahead of ours: takeovers wait this much longer
-    skew: float = 1.0
+    #: seconds past a lease's stored end after which any claimer may take it over by its wall
+    #: clock alone, without having watched the lease itself (see docs: clock skew)
+    skew_allowance: float = 300.0
     #: results longer than this many bytes are stored zstd-compressed; None disables
     compress_above: int | None = 64 * 1024
     #: worker threads of ``claim_many`` in the synchronous store
     pool_size: int = 8
     clock: Clock = system_clock
+    #: microseconds of a monotonic clock (keyword only; tests share a ManualClock)
+    monotonic: Callable[[], int] = monotonic_clock
 
     @property
-    def skew_us(self) -> int:
-        return math.ceil(self.skew * 1_000_000)
+    def skew_allowance_us(self) -> int:
+        return math.ceil(self.skew_allowance * 1_000_000)
+
+    @property
+    def unavailable_within(self) -> float:
+        """Seconds after which one request to a dead, unreachable or frozen server has raised
+        ``StoreUnavailable``: every attempt may spend its connect and read timeouts, and
+        botocore waits at most 1, 2, 4, ... s (full jitter) between attempts."""
+        attempts = self.max_attempts
+        backoff = sum(min(20.0, 2.0**i) for i in range(attempts - 1))
+        return attempts * (self.connect_timeout + self.read_timeout) + backoff
 
 
-_FLOATS = ("connect_timeout", "read_timeout", "skew")
+_FLOATS = ("connect_timeout", "read_timeout", "skew_allowance")
 _INTS = ("max_attempts", "pool_size")
 _STRS = ("region", "endpoint_url", "profile", "key_attr", "sort_key", "namespace", "ttl_attr")
+_CALLABLES = ("clock", "monotonic")
+_RENAMED = {
+    "skew": "skew= was replaced by skew_allowance= (seconds, default 300): leases are now "
+    "taken over after the claimer watched them unchanged for their duration, see the "
+    "DynamoDB docs on clock skew",
+}
 
 
 def parse(url: str, options: dict[str, Any]) -> Settings:
@@ -66,6 +93,9 @@ def parse(url: str, options: dict[str, Any]) -> Settings:
         )
     raw: dict[str, Any] = dict(url_options(url))
     raw.update(options)
+    for old, why in _RENAMED.items():
+        if old in raw:
+            raise ConfigurationError(f"dynamodb:// option {old!r}: {why}")
     known = {f.name for f in dataclasses.fields(Settings)} - {"table"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -76,23 +106,57 @@ def parse(url: str, options: dict[str, Any]) -> Settings:
     for name, value in raw.items():
         values[name] = _convert(name, value)
     settings = Settings(**values)
-    if settings.retry_mode not in _RETRY_MODES:
-        raise ConfigurationError(f"retry_mode must be one of {', '.join(_RETRY_MODES)}")
-    if settings.max_attempts < 1 or settings.pool_size < 1:
-        raise ConfigurationError("max_attempts and pool_size must be at least 1")
-    if settings.skew < 0 or settings.connect_timeout <= 0 or settings.read_timeout <= 0:
-        raise ConfigurationError("skew must be >= 0 and timeouts > 0")
-    if settings.sort_key is not None and settings.sort_key == settings.key_attr:
-        raise ConfigurationError("sort_key must differ from key_attr")
-    if settings.ttl_attr in {settings.key_attr, settings.sort_key}:
-        raise ConfigurationError("ttl_attr must not be a key attribute")
+    _check(settings)
     return settings
 
 
+def _check(s: Settings) -> None:
+    if s.retry_mode not in _RETRY_MODES:
+        raise ConfigurationError(
+            f"retry_mode must be one of {', '.join(_RETRY_MODES)}, got {s.retry_mode!r}"
+        )
+    for name in ("max_attempts", "pool_size"):
+        if getattr(s, name) < 1:
+            raise ConfigurationError(f"{name} must be at least 1, got {getattr(s, name)}")
+    for name in ("connect_timeout", "read_timeout"):
+        value = getattr(s, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigurationError(f"{name} must be a positive number of seconds, got {value}")
+    if not (s.skew_allowance >= 0 and math.isfinite(s.skew_allowance)):
+        raise ConfigurationError(f"skew_allowance must be >= 0 seconds, got {s.skew_allowance}")
+    if s.compress_above is not None and s.compress_above < 0:
+        raise ConfigurationError(f"compress_above must be >= 0 or off, got {s.compress_above}")
+    if s.endpoint_url is not None:
+        _check_endpoint(s.endpoint_url)
+    for name in ("key_attr", "ttl_attr", "sort_key", "namespace"):
+        value = getattr(s, name)
+        if value is not None and not (0 < len(value.encode()) <= _MAX_NAME):
+            raise ConfigurationError(f"{name} must be 1-{_MAX_NAME} bytes, got {value!r}")
+    if s.sort_key is not None and s.sort_key == s.key_attr:
+        raise ConfigurationError("sort_key must differ from key_attr")
+    if s.ttl_attr in {s.key_attr, s.sort_key}:
+        raise ConfigurationError("ttl_attr must not be a key attribute")
+
+
+def _check_endpoint(url: str) -> None:
+    """An endpoint botocore can send to: http(s)://host[:port][/path]."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ConfigurationError(f"endpoint_url {url!r} is not a valid URL: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(
+            f"endpoint_url must be an http:// or https:// URL with a host, got {url!r}"
+        )
+    if port == 0:
+        raise ConfigurationError(f"endpoint_url {url!r} has port 0")
+
+
 def _convert(name: str, value: Any) -> Any:
-    if name == "clock":
+    if name in _CALLABLES:
         if not callable(value):
-            raise ConfigurationError("clock must be a callable returning epoch microseconds")
+            raise ConfigurationError(f"{name} must be a callable returning microseconds")
         return value
     if name == "compress_above":
         if value is None or (isinstance(value, str) and value.lower() in {"", "none", "off"}):
@@ -111,7 +175,10 @@ def _convert(name: str, value: Any) -> Any:
 
 
 def _number(name: str, value: Any, kind: type[int] | type[float]) -> int | float:
+    what = "an integer" if kind is int else "a number"
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be {what}, got {value!r}")
     try:
         return kind(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"{name} must be a number, got {value!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigurationError(f"{name} must be {what}, got {value!r}") from exc

@@ -106,6 +106,6 @@ def dynamodb_local(_servers: dict[str, Server | str]) -> Server:
 
 @pytest.fixture
 def store(server: Server) -> Iterator[DynamoDBStore]:
-    """A store on the real clock with no skew allowance."""
-    with server.open(skew=0) as s:
+    """A store on the real clocks."""
+    with server.open() as s:
         yield s

@@ -1,7 +1,9 @@
 """The core's conformance suite, sync and async, on moto's server and on DynamoDB Local.
 
-Leases are judged by the client's clock: a ManualClock (starting at the real time, so TTL
-values are sensible) is advanced instead of sleeping, with no skew allowance.
+A ManualClock (starting at the real time, so TTL values are sensible) is advanced instead of
+sleeping. It is both the store's wall clock and its monotonic clock, with the default skew
+allowance (300 s): every takeover in these scenarios is the one of a store that watched the
+lease unchanged for its duration, never the wall-clock fallback.
 """
 
 from __future__ import annotations
@@ -31,12 +33,12 @@ class TestDynamoDBStore(StoreSuite):
 
     @pytest.fixture
     def store(self, server: Server, clock: ManualClock) -> Iterator[DynamoDBStore]:
-        with server.open(skew=0, clock=clock) as s:
+        with server.open(clock=clock, monotonic=clock) as s:
             yield s
 
     @pytest.fixture
     def store_url(self, server: Server) -> str:
-        return server.url(skew=0)
+        return server.url()
 
 
 class TestAsyncDynamoDBStore(AsyncStoreSuite):
@@ -50,7 +52,7 @@ class TestAsyncDynamoDBStore(AsyncStoreSuite):
 
     @pytest.fixture
     async def astore(self, server: Server, clock: ManualClock) -> AsyncIterator[AsyncDynamoDBStore]:
-        s = BACKEND.open_async(server.url(), skew=0, clock=clock)
+        s = BACKEND.open_async(server.url(), clock=clock, monotonic=clock)
         yield s
         await s.close()
 
@@ -64,9 +66,11 @@ class TestSharedTable(StoreSuite):
 
     @pytest.fixture
     def store(self, server: Server, clock: ManualClock) -> Iterator[DynamoDBStore]:
-        with server.open("idem_shared", sort_key="sk", namespace="conf", skew=0, clock=clock) as s:
+        with server.open(
+            "idem_shared", sort_key="sk", namespace="conf", clock=clock, monotonic=clock
+        ) as s:
             yield s
 
     @pytest.fixture
     def store_url(self, server: Server) -> str:
-        return server.url("idem_shared", sort_key="sk", namespace="conf", skew=0)
+        return server.url("idem_shared", sort_key="sk", namespace="conf")

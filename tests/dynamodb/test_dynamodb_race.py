@@ -22,7 +22,7 @@ def test_eight_processes_two_hundred_keys_one_execution_each(server: Server) -> 
     barrier = ctx.Barrier(PROCESSES)
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=ddb_race.worker, args=(server.url(skew=0), keys, barrier, out))
+        ctx.Process(target=ddb_race.worker, args=(server.url(), keys, barrier, out))
         for _ in range(PROCESSES)
     ]
     for p in procs:

@@ -1,14 +1,13 @@
 """What the conformance suite does not cover: request counts, transactions, item size,
-compression, corrupt items, clock skew, setup and diagnostics, errors, clients and fork."""
+compression, corrupt items, clock skew, setup and diagnostics. Errors, clients, fork and URLs
+are in test_dynamodb_clients.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -24,7 +23,6 @@ from idem_core.errors import (
     CorruptRecord,
     LeaseLost,
     ResultNotSerializable,
-    StoreUnavailable,
 )
 from idem_core.record import ClaimOutcome, ClaimRequest, Status
 
@@ -72,7 +70,7 @@ def test_requests_per_call(store: DynamoDBStore, server: Server, key: str) -> No
 
 
 async def test_requests_per_call_async(server: Server, key: str) -> None:
-    store = BACKEND.open_async(server.url(skew=0))
+    store = BACKEND.open_async(server.url())
     try:
         claimed = await store.claim(req(key))  # builds the client
         calls = counting(await store._get_client())
@@ -160,7 +158,7 @@ def test_complete_with_items_from_another_store(
 ) -> None:
     """A store that did not claim the key reads the record back after the transaction."""
     claimed = store.claim(req(key))
-    with server.open(skew=0) as other:
+    with server.open() as other:
         done = other.complete(key, claimed.fence, b"r", TTL, with_items=[_put(key)])
     assert done.fingerprint == "f" * 32 and done.created_at == claimed.record.created_at
     assert done.result == b"r"
@@ -168,7 +166,7 @@ def test_complete_with_items_from_another_store(
 
 def test_stale_fence_writes_nothing(server: Server, side_table: str, key: str) -> None:
     clock = ManualClock(time.time())
-    with server.open(skew=0, clock=clock) as store:
+    with server.open(clock=clock, monotonic=clock) as store:
         zombie = store.claim(req(key, lease=1))
         clock.advance(2)
         successor = store.claim(req(key))
@@ -208,7 +206,7 @@ def test_with_items_must_be_transaction_entries(store: DynamoDBStore, key: str) 
 
 
 async def test_async_complete_with_items(server: Server, side_table: str, key: str) -> None:
-    store = BACKEND.open_async(server.url(skew=0))
+    store = BACKEND.open_async(server.url())
     try:
         claimed = await store.claim(req(key))
         done = await store.complete(key, claimed.fence, b"a", TTL, with_items=[_put(key, 5)])
@@ -235,7 +233,7 @@ def test_too_large_result_fails_before_the_write(store: DynamoDBStore, key: str)
 
 def test_large_compressible_result_is_compressed(server: Server, key: str) -> None:
     payload = b"0123456789abcdef" * 100_000  # 1.6 MB, far past the item limit
-    with server.open(skew=0) as store:
+    with server.open() as store:
         claimed = store.claim(req(key))
         done = store.complete(key, claimed.fence, payload, TTL)
         assert done.result == payload
@@ -243,7 +241,7 @@ def test_large_compressible_result_is_compressed(server: Server, key: str) -> No
         assert raw["result_encoding"] == {"S": "zstd"} and len(raw["result"]["B"]) < 400_000
         replay = store.claim(req(key))
         assert replay.outcome is ClaimOutcome.COMPLETED and replay.record.result == payload
-    with server.open(skew=0, compress_above="off") as store:
+    with server.open(compress_above="off") as store:
         other = f"{key}-plain"
         claimed = store.claim(req(other))
         with pytest.raises(ResultNotSerializable, match="compression is off"):
@@ -251,6 +249,48 @@ def test_large_compressible_result_is_compressed(server: Server, key: str) -> No
         store.complete(other, claimed.fence, payload[:300_000], TTL)
         raw = store.client.get_item(TableName=TABLE, Key={"pk": {"S": other}})["Item"]
         assert "result_encoding" not in raw and len(raw["result"]["B"]) == 300_000
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["plain", "sort_key"])
+def test_max_result_size_fits_next_to_the_longest_key(server: Server, shared: bool) -> None:
+    """``max_result_size`` is a promise: an incompressible result of exactly that size is
+    stored next to the longest key the store accepts; one byte more is refused before any
+    request, the claim untouched."""
+    options: dict[str, Any] = {"sort_key": "sk", "namespace": "limits"} if shared else {}
+    with server.open(SHARED_TABLE if shared else TABLE, **options) as store:
+        limit = store.max_result_size
+        assert 390_000 <= limit < 400_000
+        longest = f"{uuid.uuid4().hex}:" + "🔑" * (store.max_key_length - 33)
+        claimed = store.claim(req(longest))
+        calls = counting(store.client)
+        too_big = os.urandom(limit + 1)
+        with pytest.raises(ResultNotSerializable, match=f"at most {limit} bytes"):
+            store.complete(longest, claimed.fence, too_big, TTL)
+        assert calls.take() == []  # nothing sent, nothing written
+        held = store.get(longest)
+        assert held is not None and held.status is Status.IN_PROGRESS
+        assert held.fence == claimed.fence and held.result is None
+        exact = os.urandom(limit)
+        done = store.complete(longest, claimed.fence, exact, TTL)
+        assert done.result == exact
+        replay = store.claim(req(longest))
+        assert replay.outcome is ClaimOutcome.COMPLETED and replay.record.result == exact
+
+
+async def test_async_too_large_result_writes_nothing(server: Server, key: str) -> None:
+    store = BACKEND.open_async(server.url(compress_above="off"))
+    try:
+        claimed = await store.claim(req(key))
+        calls = counting(await store._get_client())
+        with pytest.raises(ResultNotSerializable, match="nothing was written"):
+            await store.complete(key, claimed.fence, b"x" * (store.max_result_size + 1), TTL)
+        assert calls.take() == []
+        held = await store.get(key)
+        assert held is not None and held.status is Status.IN_PROGRESS
+        assert held.fence == claimed.fence
+        await store.complete(key, claimed.fence, b"small", TTL)
+    finally:
+        await store.close()
 
 
 # -- corrupt items ----------------------------------------------------------------------------
@@ -283,53 +323,103 @@ def test_corrupt_item_is_reported_and_left_alone(store: DynamoDBStore, key: str)
 
 
 # -- clock skew -------------------------------------------------------------------------------
+# Leases are taken over by watching them: a claimer that saw the same lease version for the
+# lease's whole duration, on its own monotonic clock. Wall clocks only matter past the skew
+# allowance (default 300 s). The renewing-holder races against a clock 5 s and 60 s ahead
+# are in test_dynamodb_skew.py.
 
 
-def test_clock_ahead_within_the_allowance_does_not_take_over(server: Server, key: str) -> None:
-    """A worker whose clock runs 0.5 s ahead sees the lease lapse early by its own clock; the
-    1 s skew allowance keeps it from taking over until the lease has surely lapsed."""
-    t0 = time.time()
-    holder_clock, ahead_clock = ManualClock(t0), ManualClock(t0 + 0.5)
+def test_watching_takes_over_after_the_lease_whatever_the_wall_clock(
+    server: Server, key: str
+) -> None:
+    """A claimer whose wall clock runs 60 s behind still takes over a dead lease once it has
+    watched it for the lease's duration, with a larger fence; the zombie is fenced off."""
+    watch = ManualClock(0)
     with (
-        server.open(skew=1.0, clock=holder_clock) as holder,
-        server.open(skew=1.0, clock=ahead_clock) as ahead,
+        server.open() as holder,
+        server.open(clock=SkewedClock(-60.0), monotonic=watch) as behind,
     ):
         held = holder.claim(req(key, lease=2))
-        holder_clock.advance(1.8)
-        ahead_clock.advance(1.8)  # its clock reads 2.3 s: past the lease end
-        assert ahead.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
-        holder.renew(key, held.fence, 2)  # the holder, on time by its clock, keeps the lease
-        holder_clock.advance(1.5)  # 0.5 s of the renewed lease left
-        ahead_clock.advance(1.5)  # its clock reads the lease end
-        assert ahead.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS  # allowance again
-        holder_clock.advance(1.2)  # the lease has truly lapsed
-        ahead_clock.advance(1.2)
-        took = ahead.claim(req(key))
+        assert behind.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS  # starts watching
+        watch.advance(1.9)
+        assert behind.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        watch.advance(0.2)
+        took = behind.claim(req(key))
         assert took.outcome is ClaimOutcome.TOOK_OVER and took.fence > held.fence
         with pytest.raises(LeaseLost):
-            holder.complete(key, held.fence, b"late", TTL)
-
-
-def test_clock_ahead_beyond_the_allowance_is_still_fenced(server: Server, key: str) -> None:
-    """The trade-off: a clock 5 s ahead with a 1 s allowance takes over early, but the fence
-    stops the first worker from completing over its successor."""
-    with server.open(skew=1.0) as holder, server.open(skew=1.0, clock=SkewedClock(5.0)) as ahead:
-        held = holder.claim(req(key, lease=3))
-        took = ahead.claim(req(key))
-        assert took.outcome is ClaimOutcome.TOOK_OVER
-        with pytest.raises(LeaseLost):
-            holder.complete(key, held.fence, b"first", TTL)
-        ahead.complete(key, took.fence, b"second", TTL)
+            holder.complete(key, held.fence, b"zombie", TTL)
+        behind.complete(key, took.fence, b"successor", TTL)
         rec = holder.get(key)
-        assert rec is not None and rec.result == b"second"
+        assert rec is not None and rec.result == b"successor"
+
+
+def test_a_renewal_restarts_the_watch(server: Server, key: str) -> None:
+    watch = ManualClock(0)
+    with server.open() as holder, server.open(monotonic=watch) as watcher:
+        held = holder.claim(req(key, lease=1))
+        assert watcher.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        watch.advance(0.8)
+        holder.renew(key, held.fence, 1)  # a new lease version
+        assert watcher.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        watch.advance(0.5)  # 1.3 s since the first sight, 0.5 s since the renewal
+        assert watcher.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        watch.advance(0.6)
+        assert watcher.claim(req(key)).outcome is ClaimOutcome.TOOK_OVER
+
+
+def test_two_watchers_one_takeover(server: Server, key: str) -> None:
+    """The takeover is a conditional write on the version both watched: one wins, the other
+    finds the winner's live lease."""
+    watch = ManualClock(0)
+    with (
+        server.open() as holder,
+        server.open(monotonic=watch) as b,
+        server.open(monotonic=watch) as c,
+    ):
+        holder.claim(req(key, lease=1))
+        assert b.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        assert c.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        watch.advance(1.1)
+        first = b.claim(req(key, lease=30))
+        second = c.claim(req(key))
+        assert first.outcome is ClaimOutcome.TOOK_OVER
+        assert second.outcome is ClaimOutcome.IN_PROGRESS and second.fence == first.fence
+
+
+def test_past_the_skew_allowance_the_wall_clock_decides(server: Server, key: str) -> None:
+    """A claimer that never watched the lease (a new process) takes it over by its wall clock
+    once the lease ended more than skew_allowance ago."""
+    clock = ManualClock(time.time())
+    with server.open() as holder, server.open(clock=clock, skew_allowance=2) as fresh:
+        held = holder.claim(req(key, lease=1))
+        clock.set(held.record.lease_expires_at / 1e6 + 1.8)  # 1.8 s past the lease end
+        assert fresh.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+    with server.open(clock=clock, skew_allowance=2) as fresh:  # no memory of the lease
+        clock.advance(0.4)
+        took = fresh.claim(req(key))
+        assert took.outcome is ClaimOutcome.TOOK_OVER and took.fence > held.fence
+
+
+def test_an_item_without_a_lease_version_is_watched_too(server: Server, key: str) -> None:
+    """Items written before lease versions existed are watched by fence and lease end."""
+    watch = ManualClock(0)
+    with server.open() as holder, server.open(monotonic=watch) as watcher:
+        held = holder.claim(req(key, lease=1))
+        holder.client.update_item(
+            TableName=TABLE, Key={"pk": {"S": key}}, UpdateExpression="REMOVE version"
+        )
+        assert watcher.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
+        watch.advance(1.1)
+        took = watcher.claim(req(key))
+        assert took.outcome is ClaimOutcome.TOOK_OVER and took.fence > held.fence
 
 
 def test_clock_behind_still_gets_a_larger_fence(server: Server, key: str) -> None:
     """Fences come from the claimer's clock; one running 10 s behind the previous holder's
     still gets a larger fence (max(now, previous + 1), by a condition on the old fence)."""
     with (
-        server.open(skew=0, clock=SkewedClock(10.0)) as ahead,
-        server.open(skew=0, clock=SkewedClock(-10.0)) as behind,
+        server.open(clock=SkewedClock(10.0)) as ahead,
+        server.open(clock=SkewedClock(-10.0)) as behind,
     ):
         first = ahead.claim(req(key))
         ahead.release(key, first.fence)
@@ -343,24 +433,13 @@ def test_clock_behind_still_gets_a_larger_fence(server: Server, key: str) -> Non
         behind.complete(key, second.fence, b"ok", TTL)
 
 
-def test_skew_delays_expiry_takeover_too(server: Server, key: str) -> None:
-    t0 = time.time()
-    clock = ManualClock(t0)
-    with server.open(skew=2.0, clock=clock) as store:
-        store.claim(req(key, lease=1))
-        clock.advance(1.5)
-        assert store.claim(req(key)).outcome is ClaimOutcome.IN_PROGRESS
-        clock.advance(2.0)
-        assert store.claim(req(key)).outcome is ClaimOutcome.TOOK_OVER
-
-
 # -- the shared table ---------------------------------------------------------------------------
 
 
 def test_namespaces_share_a_table(server: Server, key: str) -> None:
     with (
-        server.open(SHARED_TABLE, sort_key="sk", namespace="a", skew=0) as a,
-        server.open(SHARED_TABLE, sort_key="sk", namespace="b", skew=0) as b,
+        server.open(SHARED_TABLE, sort_key="sk", namespace="a") as a,
+        server.open(SHARED_TABLE, sort_key="sk", namespace="b") as b,
     ):
         assert a.claim(req(key)).outcome is ClaimOutcome.CLAIMED
         assert b.claim(req(key)).outcome is ClaimOutcome.CLAIMED  # another namespace
@@ -368,199 +447,3 @@ def test_namespaces_share_a_table(server: Server, key: str) -> None:
         assert raw["Item"]["status"] == {"S": "in_progress"}
         ttl = int(raw["Item"]["ttl"]["N"])
         assert time.time() + TTL < ttl < time.time() + TTL + 10  # epoch seconds
-
-
-# -- errors, clients, fork ----------------------------------------------------------------------
-
-
-def test_unreachable_server_is_store_unavailable(key: str) -> None:
-    with BACKEND.open(
-        "dynamodb://idem_test?region=us-east-1&endpoint_url=http://127.0.0.1:9"
-        "&connect_timeout=0.5&max_attempts=2"
-    ) as store:
-        with pytest.raises(StoreUnavailable) as info:
-            store.claim(req(key))
-        assert info.value.__cause__ is not None
-
-
-def test_missing_table_names_setup(server: Server, key: str) -> None:
-    with (
-        server.open("idem_no_such_table") as store,
-        pytest.raises(StoreUnavailable, match="idem setup"),
-    ):
-        store.get(key)
-
-
-def test_retry_mode_reaches_botocore(server: Server) -> None:
-    with server.open(retry_mode="adaptive", max_attempts=7, read_timeout=2.5) as store:
-        config = store.client.meta.config
-        assert config.retries == {"mode": "adaptive", "total_max_attempts": 7}
-        assert config.read_timeout == 2.5
-
-
-def test_given_client_and_session(server: Server, key: str) -> None:
-    client = boto3.client("dynamodb", region_name=REGION, endpoint_url=server.endpoint)
-    store = BACKEND.open(server.url(), client=client)
-    assert store.client is client
-    store.claim(req(key))
-    store.close()
-    assert client.describe_table(TableName=TABLE)["Table"]["TableName"] == TABLE  # still open
-    session = boto3.session.Session(region_name=REGION)
-    with BACKEND.open(server.url(), client=session) as from_session:
-        assert from_session.get(key) is not None
-    table = session.resource("dynamodb", endpoint_url=server.endpoint).Table(TABLE)
-    with pytest.raises(ConfigurationError, match="not a resource"):
-        BACKEND.open(server.url(), client=table)
-
-
-async def test_async_given_aioboto3_session(server: Server, key: str) -> None:
-    import aioboto3
-
-    session = aioboto3.Session(region_name=REGION)
-    store = BACKEND.open_async(server.url(), client=session)
-    try:
-        assert (await store.claim(req(key))).outcome is ClaimOutcome.CLAIMED
-    finally:
-        await store.close()
-    async with session.client("dynamodb", endpoint_url=server.endpoint) as client:
-        given = BACKEND.open_async(server.url(), client=client)
-        assert (await given.claim(req(key))).outcome is ClaimOutcome.IN_PROGRESS
-        await given.close()
-        await client.describe_table(TableName=TABLE)  # not closed by the store
-
-
-def test_claim_many_runs_side_by_side(store: DynamoDBStore, key: str) -> None:
-    keys = [f"{key}-{i}" for i in range(24)]
-    out = store.claim_many([req(k) for k in keys])
-    assert [r.record.key for r in out] == keys
-    assert {r.outcome for r in out} == {ClaimOutcome.CLAIMED}
-
-
-async def test_async_claim_many_gathers(server: Server, key: str) -> None:
-    store = BACKEND.open_async(server.url(skew=0))
-    try:
-        keys = [f"{key}-{i}" for i in range(12)]
-        out = await store.claim_many([req(k) for k in keys])
-        assert [r.record.key for r in out] == keys
-        again = await asyncio.gather(store.claim_many([req(k) for k in keys]))
-        assert {r.outcome for r in again[0]} == {ClaimOutcome.IN_PROGRESS}
-    finally:
-        await store.close()
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_forked_child_builds_its_own_client(store: DynamoDBStore, key: str) -> None:
-    parent_client = store.client
-    store.claim(req(key))
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report and leave without pytest's teardown
-        status = 1
-        try:
-            child_client = store.client
-            rec = store.get(key)
-            fresh = store.claim(req(f"{key}-child"))
-            ok = child_client is not parent_client and rec is not None and fresh.outcome.acquired
-            status = 0 if ok else 2
-        finally:
-            os.write(write, bytes([status]))
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        status = pipe.read(1)
-    os.waitpid(pid, 0)
-    assert status == b"\x00"
-    assert store.client is parent_client
-    assert store.get(f"{key}-child") is not None
-
-
-# -- the URL ------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "match"),
-    [
-        ("dynamodb://", "table name"),
-        ("dynamodb://ab", "table name"),
-        ("dynamodb://t_1?bogus=1", "unknown dynamodb:// option"),
-        ("dynamodb://t_1?retry_mode=fast", "retry_mode"),
-        ("dynamodb://t_1?skew=soon", "skew must be a number"),
-        ("dynamodb://t_1?sort_key=pk", "sort_key must differ"),
-    ],
-)
-def test_bad_urls(url: str, match: str) -> None:
-    with pytest.raises(ConfigurationError, match=match):
-        BACKEND.open(url)
-
-
-def test_url_options_and_keyword_overrides() -> None:
-    store = BACKEND.open(
-        "dynamodb://my.table-1?region=eu-west-1&sort_key=sk&namespace=orders&skew=0.25"
-        "&compress_above=off&ttl_attr=expiration",
-        skew=2,
-    )
-    s = store.settings
-    assert (s.table, s.region, s.sort_key, s.namespace) == (
-        "my.table-1",
-        "eu-west-1",
-        "sk",
-        "orders",
-    )
-    assert s.skew == 2 and s.compress_above is None and s.ttl_attr == "expiration"
-    assert store.max_key_length == 256 and store.server_clock is False
-    store.close()
-
-
-@pytest.fixture
-def _no_region(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-
-
-@pytest.mark.usefixtures("_no_region")
-def test_missing_region_is_a_configuration_error(key: str) -> None:
-    with (
-        BACKEND.open("dynamodb://idem_test") as store,
-        pytest.raises(ConfigurationError, match="region"),
-    ):
-        store.get(key)
-
-
-class _Body:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def stream(self, **_: Any) -> Iterator[bytes]:
-        yield self.data
-
-
-def _throttle(times: int) -> Any:
-    """A before-send hook answering the first ``times`` PutItem sends with throttling, as an
-    overloaded partition does; botocore's retry mode decides what happens next."""
-    from botocore.awsrequest import AWSResponse
-
-    left = [times]
-
-    def hook(request: Any, **_: Any) -> Any:
-        if left[0] <= 0:
-            return None
-        left[0] -= 1
-        body = b'{"__type":"com.amazonaws.dynamodb.v20120810#ThrottlingException",'
-        body += b'"message":"Rate of requests exceeds the allowed throughput."}'
-        headers = {"x-amzn-ErrorType": "ThrottlingException"}
-        return AWSResponse(request.url, 400, headers, _Body(body))
-
-    return hook
-
-
-def test_throttling_is_retried_then_unavailable(server: Server, key: str) -> None:
-    with server.open(skew=0, max_attempts=3) as store:
-        store.client.meta.events.register("before-send.dynamodb.PutItem", _throttle(2))
-        assert store.claim(req(key)).outcome is ClaimOutcome.CLAIMED  # third attempt
-    with server.open(skew=0, max_attempts=2) as store:
-        store.client.meta.events.register("before-send.dynamodb.PutItem", _throttle(5))
-        with pytest.raises(StoreUnavailable, match="Throttling") as info:
-            store.claim(req(f"{key}-2"))
-        cause = info.value.__cause__
-        assert cause is not None and type(cause).__name__ == "ThrottlingException"

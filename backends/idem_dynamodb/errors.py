@@ -1,0 +1,72 @@
+"""Driver errors of both DynamoDB stores, translated in one place.
+
+Every DynamoDB request of either store goes through its ``_run``, which catches
+:data:`Errors.transient` around the request and hands the exception to
+:meth:`Errors.reply`: a failed condition the plan expects comes back as :class:`Failed`;
+everything else is ``StoreUnavailable`` with the driver's exception as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+
+from idem_core.errors import StoreUnavailable
+from idem_core.registry import import_driver
+
+from .plans import NOT_FOUND, Call, Failed
+from .settings import Settings
+
+
+def _optional(module: str, name: str) -> tuple[type[BaseException], ...]:
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return ()
+    return (found,) if isinstance(found, type) and issubclass(found, BaseException) else ()
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """What a request may raise when the server or the path to it fails: botocore's errors
+    (connection, timeouts, exhausted retries, error replies), the socket's (``OSError``,
+    which ``TimeoutError`` and ``ConnectionError`` are), and what the HTTP layers below may
+    let through: http.client and urllib3 (boto3), aiohttp (aiobotocore)."""
+    exc = import_driver("botocore.exceptions", "dynamodb")
+    return (
+        exc.BotoCoreError,
+        exc.ClientError,
+        OSError,
+        http.client.HTTPException,
+        *_optional("urllib3.exceptions", "HTTPError"),
+        *_optional("aiohttp", "ClientError"),
+    )
+
+
+class Errors:
+    """The translation of one store's driver errors."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.transient = transient_errors()
+
+    def reply(self, call: Call, exc: BaseException) -> Failed:
+        """A failed condition ``call`` expects, as ``Failed``; otherwise raises
+        ``StoreUnavailable`` from ``exc``."""
+        response = getattr(exc, "response", None)
+        code = ""
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            if code and code in call.expect:
+                return Failed(code, response, exc)
+        raise self.unavailable(exc, code) from exc
+
+    def unavailable(self, exc: BaseException, code: str = "") -> StoreUnavailable:
+        """A driver error as StoreUnavailable, with a hint where one helps."""
+        table = self.settings.table
+        if code == NOT_FOUND:
+            return StoreUnavailable(
+                f"DynamoDB table {table!r} does not exist; create it with "
+                f"`idem setup dynamodb://{table}?...` ({exc})"
+            )
+        detail = str(exc) or type(exc).__name__
+        return StoreUnavailable(f"DynamoDB request on table {table!r} failed: {detail}")
