@@ -63,7 +63,9 @@ def _as_response(answer: Problem | StoredResponse, replayed: bool = False) -> Ht
     if isinstance(answer, StoredResponse) and answer.reason:
         response.reason_phrase = answer.reason
     del response["Content-Type"]
-    headers = HttpPolicy.replay_headers(answer) if replayed else answer.headers  # type: ignore[arg-type]
+    headers = answer.headers
+    if replayed and isinstance(answer, StoredResponse):
+        headers = HttpPolicy.replay_headers(answer)
     for name, value in headers:
         key = name.decode("latin-1")
         if key.lower() == "set-cookie":
@@ -80,13 +82,11 @@ def _response_parts(response: HttpResponseBase) -> tuple[int, list[tuple[bytes, 
     if callable(render) and not getattr(response, "is_rendered", True):
         render()
     if getattr(response, "streaming", False):
-        body = b"".join(bytes(c) for c in response.streaming_content)  # type: ignore[attr-defined]
-        response.streaming_content = [body]  # type: ignore[attr-defined]
+        body = b"".join(bytes(c) for c in response.streaming_content)
+        response.streaming_content = [body]
     else:
-        body = bytes(response.content)  # type: ignore[attr-defined]
-    headers = [
-        (k.encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers.items()
-    ]
+        body = bytes(response.content)
+    headers = [(k.encode("latin-1"), str(v).encode("latin-1")) for k, v in response.headers.items()]
     # Cookies live apart from the headers in Django: they are credentials, never stored.
     return response.status_code, headers, body
 

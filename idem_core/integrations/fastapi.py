@@ -62,7 +62,12 @@ class IdempotencyKey:
             "the first response again, with Idempotent-Replayed: true."
         )
         param = Annotated[
-            str | None, Header(alias=header, description=doc, json_schema_extra={"maxLength": int(options.get("max_key_length", 255))})
+            str | None,
+            Header(
+                alias=header,
+                description=doc,
+                json_schema_extra={"maxLength": int(options.get("max_key_length", 255))},
+            ),
         ]
         # FastAPI reads the signature: the header appears in the route's OpenAPI schema.
         self.__signature__ = inspect.Signature(

@@ -183,9 +183,7 @@ def _key_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
 
 
 def _answer(start_response: StartResponse, answer: Problem) -> Iterable[bytes]:
-    start_response(
-        f"{answer.status} {reason_phrase(answer.status)}", _str_headers(answer.headers)
-    )
+    start_response(f"{answer.status} {reason_phrase(answer.status)}", _str_headers(answer.headers))
     return [answer.body]
 
 

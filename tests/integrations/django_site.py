@@ -68,7 +68,9 @@ def idem() -> Any:
     if _idem is None:
         from idem_core import Idempotency
 
-        _idem = Idempotency.from_url(RECORDS_URL or os.environ["IDEM_TEST_RECORDS_URL"], namespace="django")
+        _idem = Idempotency.from_url(
+            RECORDS_URL or os.environ["IDEM_TEST_RECORDS_URL"], namespace="django"
+        )
     return _idem
 
 

@@ -15,7 +15,9 @@ from integration_ports import free_port
 from support import port_open, server_missing
 
 RUN = uuid.uuid4().hex[:10]
-PG_BASE = os.environ.get("IDEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_BASE = os.environ.get(
+    "IDEM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 PG_TABLE = f"idem_http_{RUN}"
 
 

@@ -545,9 +545,7 @@ async def test_50_concurrent_requests_run_the_handler_once(
     base, counter = uvicorn_server
     limits = httpx.Limits(max_connections=60)
     auth = {"authorization": "Bearer racer"}
-    async with httpx.AsyncClient(
-        base_url=base, limits=limits, timeout=30, headers=auth
-    ) as client:
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30, headers=auth) as client:
         h = {"Idempotency-Key": f"race-{uuid.uuid4().hex}"}
         responses = await asyncio.gather(
             *(client.post("/pay", content=b"same", headers=h) for _ in range(50))

@@ -121,8 +121,12 @@ async def test_json_bodies_are_fingerprinted_by_meaning(aidem: Idempotency) -> N
         h = {"Idempotency-Key": "json-1", **json_ct}
         a = await c.post("/echo", content=b'{"amount": 10, "to": {"x": 1, "y": [1, 2]}}', headers=h)
         b = await c.post("/echo", content=b'{"to":{"y":[1,2],"x":1},  "amount":10}', headers=h)
-        other = await c.post("/echo", content=b'{"amount": 11, "to": {"x": 1, "y": [1, 2]}}', headers=h)
-        order = await c.post("/echo", content=b'{"amount": 10, "to": {"x": 1, "y": [2, 1]}}', headers=h)
+        other = await c.post(
+            "/echo", content=b'{"amount": 11, "to": {"x": 1, "y": [1, 2]}}', headers=h
+        )
+        order = await c.post(
+            "/echo", content=b'{"amount": 10, "to": {"x": 1, "y": [2, 1]}}', headers=h
+        )
         h = {"Idempotency-Key": "bytes-1", "content-type": "text/plain"}
         t1 = await c.post("/echo", content=b'{"a": 1, "b": 2}', headers=h)
         t2 = await c.post("/echo", content=b'{"b": 2, "a": 1}', headers=h)

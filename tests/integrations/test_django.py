@@ -113,11 +113,11 @@ def test_view_decorator_runs_once_and_replays(site: str) -> None:
 def test_the_record_commits_with_the_view_or_not_at_all(site: str) -> None:
     """The view raises after its write: the write and the claim roll back together, so a
     retry runs (and a failed view never leaves a claim behind)."""
+    import django_site
     from django.db import connection, transaction
     from django.test import Client
 
     from idem_core.integrations.django import idempotent_view, sqlalchemy_connection
-    import django_site
 
     key = f"k-{uuid.uuid4().hex}"
     seen_inside: list[int] = []
@@ -143,12 +143,16 @@ def test_the_record_commits_with_the_view_or_not_at_all(site: str) -> None:
     with transaction.atomic(), sqlalchemy_connection() as conn:
         from sqlalchemy import text
 
-        conn.execute(text(f"INSERT INTO {ORDERS} (id, key, amount) VALUES ('sa', :k, 1)"), {"k": key})
+        conn.execute(
+            text(f"INSERT INTO {ORDERS} (id, key, amount) VALUES ('sa', :k, 1)"), {"k": key}
+        )
         assert orders_for(key) == 1  # Django's cursor sees SQLAlchemy's write: one transaction
         transaction.set_rollback(True)
     assert orders_for(key) == 0
     assert connection.in_atomic_block is False
-    ok = Client().post("/orders/tx", b"{}", content_type="application/json", HTTP_IDEMPOTENCY_KEY=key, **AUTH)
+    ok = Client().post(
+        "/orders/tx", b"{}", content_type="application/json", HTTP_IDEMPOTENCY_KEY=key, **AUTH
+    )
     assert ok.status_code == 201
     assert orders_for(key) == 1
 
@@ -173,9 +177,7 @@ class Server:
             "from waitress import serve;"
             f"serve(get_wsgi_application(), host='127.0.0.1', port={self.port}, threads=8)"
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code], env=env, start_new_session=True
-        )
+        self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, start_new_session=True)
         deadline = time.monotonic() + 30
         while not port_open("127.0.0.1", self.port):
             assert self.proc.poll() is None, "the Django server exited"
@@ -194,7 +196,11 @@ def test_killed_between_the_write_and_the_stored_response(
 ) -> None:
     pause = tmp_path / "paused"
     key = f"kill-{uuid.uuid4().hex}"
-    h = {"Idempotency-Key": key, "Authorization": "Bearer alice", "content-type": "application/json"}
+    h = {
+        "Idempotency-Key": key,
+        "Authorization": "Bearer alice",
+        "content-type": "application/json",
+    }
     server = Server(site, pause)
     try:
         with httpx.Client(base_url=server.base, timeout=60) as c:
@@ -258,10 +264,10 @@ def _in_flight(key: str) -> bool:
 
 
 def test_middleware_guards_every_matching_request(site: str) -> None:
+    import django_site
     from django.http import JsonResponse
     from django.test import RequestFactory, override_settings
 
-    import django_site
     from idem_core.integrations.django import IdempotencyMiddleware
 
     runs: list[int] = []

@@ -178,9 +178,17 @@ def test_statuses_exceptions_and_errors() -> None:
     assert c.post("/boom", headers=h).get_data() == b"recovered"
     assert counter.by_path == {"/flaky": 2, "/boom": 2}
     is_problem(c.post("/pay", data=b"x", headers=AUTH), 400, "missing")
-    is_problem(c.post("/pay", data=b"x", headers={"Idempotency-Key": "k" * 17, **AUTH}), 400, "malformed")
-    is_problem(c.post("/pay", data=b"x", headers={"Idempotency-Key": "a b", **AUTH}), 400, "malformed")
-    is_problem(c.post("/pay", data=b"x" * 101, headers={"Idempotency-Key": "big", **AUTH}), 413, "too_large")
+    is_problem(
+        c.post("/pay", data=b"x", headers={"Idempotency-Key": "k" * 17, **AUTH}), 400, "malformed"
+    )
+    is_problem(
+        c.post("/pay", data=b"x", headers={"Idempotency-Key": "a b", **AUTH}), 400, "malformed"
+    )
+    is_problem(
+        c.post("/pay", data=b"x" * 101, headers={"Idempotency-Key": "big", **AUTH}),
+        413,
+        "too_large",
+    )
     is_problem(c.post("/pay", data=b"x", headers={"Idempotency-Key": "anon"}), 400, "no_identity")
     assert c.get("/pay").status_code == 405  # not guarded: passes through
     idem.close()
@@ -202,8 +210,10 @@ class DownStore:
 def test_store_down_is_503_with_retry_after() -> None:
     counter = Counter()
     idem = Idempotency(DownStore(), retries=0)  # type: ignore[arg-type]
-    resp = wrapped(idem, counter).test_client(use_cookies=False).post(
-        "/pay", data=b"x", headers={"Idempotency-Key": "x", **AUTH}
+    resp = (
+        wrapped(idem, counter)
+        .test_client(use_cookies=False)
+        .post("/pay", data=b"x", headers={"Idempotency-Key": "x", **AUTH})
     )
     is_problem(resp, 503, "unavailable")
     assert resp.headers["Retry-After"] == "1"
@@ -240,9 +250,7 @@ async def test_50_concurrent_requests_run_the_handler_once(
 ) -> None:
     base, counter = waitress_app
     limits = httpx.Limits(max_connections=60)
-    async with httpx.AsyncClient(
-        base_url=base, limits=limits, timeout=60, headers=AUTH
-    ) as client:
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60, headers=AUTH) as client:
         h = {"Idempotency-Key": f"race-{uuid.uuid4().hex}"}
         responses = await asyncio.gather(
             *(client.post("/pay", content=b"same", headers=h) for _ in range(50))
@@ -251,7 +259,9 @@ async def test_50_concurrent_requests_run_the_handler_once(
     assert counter.n == 1
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {201, 409}, statuses
-    fresh = [r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers]
+    fresh = [
+        r for r in responses if r.status_code == 201 and "idempotent-replayed" not in r.headers
+    ]
     assert len(fresh) == 1
     for r in responses:
         if r.status_code == 201:
