@@ -61,6 +61,9 @@ Identify = Callable[[Scope], Any]
 
 logger = logging.getLogger("idem_core.asgi")
 
+#: the key of the transactional connection in the request's state (``engine=``)
+CONNECTION_STATE = "idem_connection"
+
 
 def authorization_identity(scope: Scope) -> str | None:
     """The ``Authorization`` header alone (hashed before it is stored). Prefer the default,
@@ -83,15 +86,25 @@ class IdempotencyMiddleware:
     :param on_in_progress: ``"reject"`` (409 at once) or ``"wait"`` for the first request to
         finish, up to ``wait_timeout`` seconds, then replay its response.
 
+    :param engine: a SQLAlchemy ``AsyncEngine`` on the database of an SQL store: each guarded
+        request then runs in one transaction on one of its connections, handed to the app as
+        ``request.state.idem_connection``; the claim, the app's writes on that connection and
+        the stored response commit together, or not at all.
+
     The other options are those of :class:`~idem_core.integrations.http.HttpPolicy`.
     The response is buffered until it is stored, so a retry that arrives after the client got
     it is always a replay; a response the store refuses (too large) is sent with the key
     released, and logged.
     """
 
-    def __init__(self, app: ASGIApp, *, idem: Idempotency, **options: Any) -> None:
+    def __init__(
+        self, app: ASGIApp, *, idem: Idempotency, engine: Any = None, **options: Any
+    ) -> None:
         self.app = app
         self.idem = idem
+        #: a SQLAlchemy AsyncEngine on the records' database: each guarded request runs in
+        #: one transaction on one of its connections (``request.state.idem_connection``)
+        self.engine = engine
         self.policy = HttpPolicy(**options)
         self.identify: Identify | None = self.policy.identify
 
@@ -151,33 +164,41 @@ class IdempotencyMiddleware:
         request: HttpRequest,
     ) -> None:
         raw = self.policy.raw_key(identity, key)
+        if self.engine is None:
+            answer = await self._answer(scope, receive, raw, request, None)
+        else:
+            # The claim, the app's writes on this connection and the stored response commit
+            # together (or roll back together) before anything is sent.
+            async with self.engine.connect() as conn, conn.begin():
+                answer = await self._answer(scope, receive, raw, request, conn)
+        if answer is not None:
+            await send_raw(send, answer)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, raw: str, request: HttpRequest, conn: Any
+    ) -> Problem | None:
+        """What to send: a problem, the replay, or the app's response once it is stored."""
         try:
             call = self.idem.aclaim(
-                raw, payload=self.policy.fingerprint(request), **self.policy.claim_options()
+                raw,
+                payload=self.policy.fingerprint(request),
+                connection=conn,
+                **self.policy.claim_options(),
             )
             await call.enter()
         except Exception as exc:
             answer = self.policy.claim_problem(exc, scope.get("path", ""))
             if answer is None:
                 raise
-            await send_raw(send, answer)
-            return
+            return answer
         if call.replayed:
             stored: StoredResponse = call.result
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": stored.status,
-                    "headers": self.policy.replay_headers(stored),
-                }
-            )
-            await send({"type": "http.response.body", "body": stored.body, "more_body": False})
-            return
-        await self._execute(call, scope, receive, send, request.body)
+            return Problem(stored.status, self.policy.replay_headers(stored), stored.body)
+        return await self._execute(call, scope, receive, request.body, conn)
 
     async def _execute(
-        self, call: AsyncCall, scope: Scope, receive: Receive, send: Send, body: bytes
-    ) -> None:
+        self, call: AsyncCall, scope: Scope, receive: Receive, body: bytes, conn: Any
+    ) -> Problem | None:
         start: Message | None = None
         chunks: list[bytes] = []
 
@@ -188,8 +209,6 @@ class IdempotencyMiddleware:
                 start = message
             elif message["type"] == "http.response.body":
                 chunks.append(bytes(message.get("body", b"")))
-            else:
-                await send(message)
 
         sent = False
 
@@ -208,6 +227,9 @@ class IdempotencyMiddleware:
         extensions.pop("http.response.pathsend", None)
         extensions.pop("http.response.zerocopysend", None)
         app_scope["extensions"] = extensions
+        if conn is not None:
+            # request.state.idem_connection in Starlette and FastAPI
+            app_scope["state"] = {**scope.get("state", {}), CONNECTION_STATE: conn}
         try:
             await self.app(app_scope, replay_body, capture)
         except BaseException:
@@ -215,13 +237,12 @@ class IdempotencyMiddleware:
             raise
         if start is None:
             await _quietly(call.release())
-            return
+            return None
         status = int(start["status"])
         headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
         content = b"".join(chunks)
         await self._settle(call, status, headers, content)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": content, "more_body": False})
+        return Problem(status, headers, content)
 
     async def _settle(
         self, call: AsyncCall, status: int, headers: list[tuple[bytes, bytes]], body: bytes

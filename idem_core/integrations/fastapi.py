@@ -26,10 +26,10 @@ import inspect
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
-from fastapi import Header, HTTPException, Request, Response
+from fastapi import Depends, Header, HTTPException, Request, Response
 from fastapi.routing import APIRoute
 
-from .asgi import IdempotencyMiddleware
+from .asgi import CONNECTION_STATE, IdempotencyMiddleware
 
 if TYPE_CHECKING:
     from fastapi.dependencies.models import Dependant
@@ -46,6 +46,9 @@ class IdempotencyKey:
 
     ``options`` are those of :class:`~idem_core.integrations.http.HttpPolicy` except
     ``methods`` and ``routes`` (the route decides); ``identify`` takes the ASGI scope.
+    With ``engine=`` (a SQLAlchemy ``AsyncEngine`` on the SQL store's database), each guarded
+    request runs in one transaction, and ``Depends(guard.connection)`` hands the endpoint its
+    ``AsyncConnection``: the endpoint's writes on it and the stored response commit together.
     """
 
     def __init__(self, idem: Idempotency, *, description: str | None = None, **options: Any):
@@ -82,8 +85,25 @@ class IdempotencyKey:
             ]
         )
 
+        self.connection = self._connection_dependency()
+
     def middleware_for(self, app: Any) -> IdempotencyMiddleware:
         return IdempotencyMiddleware(app, idem=self.idem, **self.options)
+
+    def _connection_dependency(self) -> Callable[..., Coroutine[Any, Any, Any]]:
+        guard = self
+
+        # A default, not an annotation: annotations are strings here and cannot name ``guard``.
+        async def idem_connection(request: Request, key: Any = Depends(guard)) -> Any:
+            """The connection whose transaction also stores the response (``engine=``)."""
+            conn = request.scope.get("state", {}).get(CONNECTION_STATE)
+            if conn is None:
+                raise HTTPException(
+                    500, "IdempotencyKey hands a connection only when given engine=..."
+                )
+            return conn
+
+        return idem_connection
 
     async def __call__(self, request: Request, idempotency_key: str | None = None) -> str | None:
         if request.scope.get(_MARK) is not self:

@@ -101,11 +101,14 @@ class HttpRequest(NamedTuple):
 
 
 class Problem(NamedTuple):
-    """An RFC 9457 ``application/problem+json`` answer."""
+    """A response to send: an RFC 9457 ``application/problem+json`` answer, a replay, or
+    the app's own response once it is stored."""
 
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    #: the status line's reason phrase (WSGI), empty for the standard one
+    reason: str = ""
 
 
 _TITLES = {

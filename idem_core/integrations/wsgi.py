@@ -25,6 +25,9 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 logger = logging.getLogger("idem_core.wsgi")
 
+#: the environ key of the transactional connection (``engine=``)
+CONNECTION_ENVIRON = "idem_core.connection"
+
 
 def environ_headers(environ: Environ) -> list[tuple[bytes, bytes]]:
     """The request headers of a WSGI environ, as lowercase names and latin-1 bytes."""
@@ -54,9 +57,14 @@ class IdempotencyMiddleware:
     (too large) is sent with its key released, and logged.
     """
 
-    def __init__(self, app: WSGIApp, *, idem: Idempotency, **options: Any) -> None:
+    def __init__(
+        self, app: WSGIApp, *, idem: Idempotency, engine: Any = None, **options: Any
+    ) -> None:
         self.app = app
         self.idem = idem
+        #: a SQLAlchemy Engine on the records' database: each guarded request runs in one
+        #: transaction on one of its connections (``environ["idem_core.connection"]``)
+        self.engine = engine
         self.policy = HttpPolicy(**options)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -85,31 +93,41 @@ class IdempotencyMiddleware:
         identity = policy.scope_for(identified, request)
         if isinstance(identity, Problem):
             return _answer(start_response, identity)
+        raw = policy.raw_key(identity, key)
+        if self.engine is None:
+            answer = self._respond(environ, raw, request, None)
+        else:
+            # The claim, the app's writes on this connection and the stored response commit
+            # together (or roll back together) before anything is sent.
+            with self.engine.connect() as conn, conn.begin():
+                answer = self._respond(environ, raw, request, conn)
+        return _answer(start_response, answer)
+
+    def _respond(self, environ: Environ, raw: str, request: HttpRequest, conn: Any) -> Problem:
+        """What to send: a problem, the replay, or the app's response once it is stored."""
+        policy = self.policy
         try:
             call = self.idem.claim(
-                policy.raw_key(identity, key),
-                payload=policy.fingerprint(request),
-                **policy.claim_options(),
+                raw, payload=policy.fingerprint(request), connection=conn, **policy.claim_options()
             )
             call.enter()
         except Exception as exc:
-            answer = policy.claim_problem(exc, path)
+            answer = policy.claim_problem(exc, request.path)
             if answer is None:
                 raise
-            return _answer(start_response, answer)
+            return answer
         if call.replayed:
             stored: StoredResponse = call.result
-            status = f"{stored.status} {stored.reason or reason_phrase(stored.status)}"
-            start_response(status, _str_headers(policy.replay_headers(stored)))
-            return [stored.body]
+            reason = stored.reason or reason_phrase(stored.status)
+            return Problem(stored.status, policy.replay_headers(stored), stored.body, reason)
         app_environ = dict(environ)
-        app_environ["wsgi.input"] = io.BytesIO(body)
-        app_environ["CONTENT_LENGTH"] = str(len(body))
-        return self._execute(call, app_environ, start_response)
+        app_environ["wsgi.input"] = io.BytesIO(request.body)
+        app_environ["CONTENT_LENGTH"] = str(len(request.body))
+        if conn is not None:
+            app_environ[CONNECTION_ENVIRON] = conn
+        return self._execute(call, app_environ)
 
-    def _execute(
-        self, call: Call, environ: Environ, start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def _execute(self, call: Call, environ: Environ) -> Problem:
         captured: list[tuple[str, list[tuple[str, str]]]] = []
         chunks: list[bytes] = []
 
@@ -140,8 +158,7 @@ class IdempotencyMiddleware:
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         body = b"".join(chunks)
         self._settle(call, int(code), raw_headers, body, reason)
-        start_response(status_line, headers)
-        return [body]
+        return Problem(int(code), raw_headers, body, reason)
 
     def _settle(
         self, call: Call, status: int, headers: list[tuple[bytes, bytes]], body: bytes, reason: str
@@ -183,7 +200,8 @@ def _key_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
 
 
 def _answer(start_response: StartResponse, answer: Problem) -> Iterable[bytes]:
-    start_response(f"{answer.status} {reason_phrase(answer.status)}", _str_headers(answer.headers))
+    reason = answer.reason or reason_phrase(answer.status)
+    start_response(f"{answer.status} {reason}", _str_headers(answer.headers))
     return [answer.body]
 
 
