@@ -18,6 +18,7 @@ shared with the WSGI and Django integrations. Pure ASGI: no framework is importe
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -169,8 +170,14 @@ class IdempotencyMiddleware:
         else:
             # The claim, the app's writes on this connection and the stored response commit
             # together (or roll back together) before anything is sent.
-            async with self.engine.connect() as conn, conn.begin():
-                answer = await self._answer(scope, receive, raw, request, conn)
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    conn = await stack.enter_async_context(self.engine.connect())
+                    await stack.enter_async_context(conn.begin())
+                except Exception as exc:
+                    answer = self.policy.database_problem(exc, scope.get("path", ""))
+                else:
+                    answer = await self._answer(scope, receive, raw, request, conn)
         if answer is not None:
             await send_raw(send, answer)
 

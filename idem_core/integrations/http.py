@@ -436,11 +436,22 @@ class HttpPolicy:
         if isinstance(exc, KeyMissing):
             return problem(400, "malformed", str(exc))
         if isinstance(exc, StoreUnavailable):
-            logger.error("idempotency store unavailable for %s: %s", where, exc)
-            return problem(
-                503, "unavailable", "the idempotency store is unavailable", retry_after=1
-            )
+            return self.unavailable(exc, where)
         return None
+
+    def database_problem(self, exc: Exception, where: str) -> Problem:
+        """The answer when the transaction for ``engine=`` cannot begin: the database is the
+        store, so it is 503 when it cannot be reached; anything else is a bug and raised."""
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, SQLAlchemyError | OSError):
+            raise exc
+        return self.unavailable(exc, where)
+
+    @staticmethod
+    def unavailable(exc: Exception, where: str) -> Problem:
+        logger.error("idempotency store unavailable for %s: %s", where, exc)
+        return problem(503, "unavailable", "the idempotency store is unavailable", retry_after=1)
 
     # -- the response ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ serve both. ``app.wsgi_app = IdempotencyMiddleware(app.wsgi_app, idem=idem)`` fo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 from collections.abc import Callable, Iterable
@@ -99,8 +100,14 @@ class IdempotencyMiddleware:
         else:
             # The claim, the app's writes on this connection and the stored response commit
             # together (or roll back together) before anything is sent.
-            with self.engine.connect() as conn, conn.begin():
-                answer = self._respond(environ, raw, request, conn)
+            with contextlib.ExitStack() as stack:
+                try:
+                    conn = stack.enter_context(self.engine.connect())
+                    stack.enter_context(conn.begin())
+                except Exception as exc:
+                    answer = policy.database_problem(exc, path)
+                else:
+                    answer = self._respond(environ, raw, request, conn)
         return _answer(start_response, answer)
 
     def _respond(self, environ: Environ, raw: str, request: HttpRequest, conn: Any) -> Problem:

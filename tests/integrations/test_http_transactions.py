@@ -186,3 +186,27 @@ def test_uvicorn_killed_between_the_write_and_the_stored_response(pg: str, tmp_p
     assert replay.content == retried.content
     assert replay.headers["idempotent-replayed"] == "true"
     assert counts(pg, key) == (1, 1)  # the endpoint's effect happened exactly once
+
+
+async def test_a_database_that_cannot_be_reached_is_503(pg: str) -> None:
+    from werkzeug.test import Client
+
+    dead = "postgresql+psycopg://postgres@127.0.0.1:1/test"  # nothing listens on port 1
+    idem = Idempotency.from_url(pg, namespace=f"t{uuid.uuid4().hex[:12]}")
+    aengine = create_async_engine(dead)
+    engine = create_engine(dead)
+    try:
+        transport = httpx.ASGITransport(app=make_asgi(idem, aengine, ORDERS))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            resp = await c.post("/orders", headers={"Idempotency-Key": "d", **AUTH})
+        assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "1"
+        assert resp.json()["code"] == "idempotency_key_unavailable"
+        wsgi = Client(make_wsgi(idem, engine, ORDERS))
+        wresp = wsgi.post("/orders", headers={"Idempotency-Key": "d", **AUTH})
+        assert wresp.status_code == 503
+        assert wresp.headers["Content-Type"] == "application/problem+json"
+    finally:
+        await aengine.dispose()
+        engine.dispose()
+        await idem.aclose()
