@@ -18,6 +18,7 @@ Django request (``identify=lambda request: request.user.pk``).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -189,6 +190,12 @@ def idempotent_view(
     guard = _Guard(idem, {"methods": ("POST", "PUT", "PATCH", "DELETE"), **options})
 
     def decorate(view: View) -> View:
+        if inspect.iscoroutinefunction(view):
+            raise ConfigurationError(
+                f"{view.__qualname__} is an async view: idempotent_view guards sync views; "
+                "serve async views through idem_core.integrations.asgi.IdempotencyMiddleware"
+            )
+
         @functools.wraps(view)
         def wrapper(request: DjangoRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
             def respond() -> HttpResponseBase:

@@ -302,3 +302,16 @@ def test_middleware_guards_every_matching_request(site: str) -> None:
     assert missing.status_code == 400
     assert other.status_code == 201  # not a guarded route
     assert len(runs) == 3
+
+
+def test_an_async_view_is_refused_at_decoration(site: str) -> None:
+    import django_site
+
+    from idem_core import ConfigurationError
+    from idem_core.integrations.django import idempotent_view
+
+    async def view(request: Any) -> Any:
+        raise AssertionError("never runs")
+
+    with pytest.raises(ConfigurationError, match="async view"):
+        idempotent_view(django_site.idem())(view)
