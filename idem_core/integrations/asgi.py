@@ -4,14 +4,16 @@ Implements draft-ietf-httpapi-idempotency-key-header: a request that carries a k
 a retry with the same key gets the first response again, byte for byte, with
 ``Idempotent-Replayed: true``. Errors are ``application/problem+json`` (RFC 9457):
 
-* 400: the key is missing where required, malformed, or too long;
+* 400: the key is missing where required, malformed, or too long; or the request carries no
+  caller identity (keys are always scoped by the caller, see :mod:`.http`);
 * 409: a request with the same key is still running (or, with ``on_in_progress="wait"``, did
   not finish within ``wait_timeout``);
 * 422: the key was used for a different request (method, path, query or body);
 * 413: the body is larger than ``max_body_bytes`` (it must be read to fingerprint it);
 * 503: the store cannot be reached (unless the ``Idempotency`` fails open).
 
-Pure ASGI: no framework is imported, so it wraps any ASGI 3 application.
+The policy (identity, fingerprint, what is stored) lives in :mod:`idem_core.integrations.http`,
+shared with the WSGI and Django integrations. Pure ASGI: no framework is imported.
 
 Lifespan: the middleware passes the app's ``lifespan`` messages through unchanged, and once the
 app has answered ``lifespan.shutdown`` it closes the store its ``Idempotency`` opened for the
@@ -22,58 +24,57 @@ exit; call ``await idem.aclose()`` from your own shutdown code then.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
-from fnmatch import fnmatchcase
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
-from ..errors import (
-    AlreadyInProgress,
-    KeyMissing,
-    LeaseLost,
-    PayloadMismatch,
-    StoreUnavailable,
+from ..errors import LeaseLost, ResultNotSerializable, StoreUnavailable
+from .http import (
+    REPLAYED_HEADER,
+    TRANSIENT_4XX,
+    HttpPolicy,
+    HttpRequest,
+    Problem,
+    StoredResponse,
+    default_store_status,
+    parse_key,
+    problem,
 )
 
 if TYPE_CHECKING:
     from ..api import Idempotency
     from ..call import AsyncCall
 
+__all__ = [
+    "REPLAYED_HEADER",
+    "TRANSIENT_4XX",
+    "IdempotencyMiddleware",
+    "StoredResponse",
+    "authorization_identity",
+    "default_store_status",
+    "parse_key",
+    "send_problem",
+]
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-#: the caller's identity for a request: a user id, an API key id, a tenant...
-Identify = Callable[[Scope], "str | Awaitable[str | None] | None"]
+#: the caller's identity for a request (sync or async): any value, e.g. a user id, or None
+Identify = Callable[[Scope], Any]
 
 logger = logging.getLogger("idem_core.asgi")
 
-REPLAYED_HEADER = b"idempotent-replayed"
-#: statuses never stored by default besides 5xx: a retry of these should run again
-TRANSIENT_4XX = frozenset({408, 409, 425, 429})
-
-
-class StoredResponse(msgspec.Struct, array_like=True, frozen=True):
-    """The first response to a key, as stored and replayed."""
-
-    status: int
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-
-def default_store_status(status: int) -> bool:
-    """Store every response below 500 except transient 4xx (408, 409, 425, 429)."""
-    return status < 500 and status not in TRANSIENT_4XX
+#: the key of the transactional connection in the request's state (``engine=``)
+CONNECTION_STATE = "idem_connection"
 
 
 def authorization_identity(scope: Scope) -> str | None:
-    """The default identity: the ``Authorization`` header (hashed before it is stored), so
-    callers with different credentials never share keys."""
+    """The ``Authorization`` header alone (hashed before it is stored). Prefer the default,
+    which also covers the session cookies: with this one a cookie-only request is refused."""
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
             return str(value.decode("latin-1"))
@@ -84,27 +85,26 @@ class IdempotencyMiddleware:
     """Wrap an ASGI app: ``app.add_middleware(IdempotencyMiddleware, idem=idem)``.
 
     :param idem: the :class:`~idem_core.Idempotency` whose store keeps the responses.
-    :param methods: the methods that take a key (default POST and PATCH).
-    :param routes: path globs (``"/orders/*"``) or a predicate over the ASGI scope; None means
-        every path.
-    :param required: answer 400 when a key is missing; when False such requests just run.
-    :param identify: the caller's identity (sync or async callable over the scope). It is
-        hashed into the stored key so one caller never sees another's response. The default
-        uses the ``Authorization`` header; pass e.g. ``lambda scope: scope["user"].id``.
+    :param identify: the caller's identity: a sync or async callable over the scope returning
+        any value (``lambda scope: scope["user"].id``), or None when it cannot tell. By default
+        the identity is a hash of every credential the request carries (``Authorization``
+        and the session ``cookies``); a request with none is refused with 400 unless
+        ``anonymous=True``.
     :param on_in_progress: ``"reject"`` (409 at once) or ``"wait"`` for the first request to
         finish, up to ``wait_timeout`` seconds, then replay its response.
-    :param store_status: which statuses are stored (a predicate or a collection); default
-        :func:`default_store_status`. Other responses release the key, so a retry runs again.
-    :param ttl: retention of stored responses in seconds (default: the ``Idempotency``'s).
-    :param lease: how long a running request holds its key before a retry may take over.
-    :param renew_every: extend the lease every so many seconds while the app runs.
-    :param max_key_length: longest accepted key, in characters (default 255).
-    :param max_body_bytes: largest request body read for the fingerprint (413 beyond).
-    :param fingerprint_headers: request headers that are part of the fingerprint besides
-        method, path, query and body (e.g. ``("content-type",)``).
-    :param header: the header's name.
+
+    :param engine: a SQLAlchemy ``AsyncEngine`` on the database of an SQL store: each guarded
+        request then runs in one transaction on one of its connections, handed to the app as
+        ``request.state.idem_connection``; the claim, the app's writes on that connection and
+        the stored response commit together, or not at all.
+
     :param close_on_shutdown: ``await idem.aclose()`` when the server shuts the app down
         (the ASGI lifespan), after the app's own shutdown has run.
+
+    The other options are those of :class:`~idem_core.integrations.http.HttpPolicy`.
+    The response is buffered until it is stored, so a retry that arrives after the client got
+    it is always a replay; a response the store refuses (too large) is sent with the key
+    released, and logged.
     """
 
     def __init__(
@@ -112,57 +112,25 @@ class IdempotencyMiddleware:
         app: ASGIApp,
         *,
         idem: Idempotency,
-        methods: Collection[str] = ("POST", "PATCH"),
-        routes: Sequence[str] | Callable[[Scope], bool] | None = None,
-        required: bool = True,
-        identify: Identify | None = authorization_identity,
-        on_in_progress: str = "reject",
-        wait_timeout: float = 10.0,
-        store_status: Callable[[int], bool] | Collection[int] = default_store_status,
-        ttl: float | None = None,
-        lease: float | None = None,
-        renew_every: float | None = None,
-        max_key_length: int = 255,
-        max_body_bytes: int = 16 * 1024 * 1024,
-        fingerprint_headers: Sequence[str] = (),
-        header: str = "Idempotency-Key",
+        engine: Any = None,
         close_on_shutdown: bool = True,
+        **options: Any,
     ) -> None:
-        if on_in_progress not in ("reject", "wait"):
-            raise ValueError("on_in_progress must be 'reject' or 'wait'")
         self.app = app
         self.idem = idem
-        self.methods = frozenset(m.upper() for m in methods)
-        self.routes = routes
-        self.required = required
-        self.identify = identify
-        self.on_in_progress = on_in_progress
-        self.wait_timeout = wait_timeout
-        self.store_status: Callable[[int], bool] = (
-            store_status if callable(store_status) else frozenset(store_status).__contains__
-        )
-        self.ttl = ttl
-        self.lease = lease
-        self.renew_every = renew_every
-        self.max_key_length = max_key_length
-        self.max_body_bytes = max_body_bytes
-        self.fingerprint_headers = [h.lower().encode("latin-1") for h in fingerprint_headers]
-        self.header = header
-        self._header = header.lower().encode("latin-1")
+        #: a SQLAlchemy AsyncEngine on the records' database: each guarded request runs in
+        #: one transaction on one of its connections (``request.state.idem_connection``)
+        self.engine = engine
+        self.policy = HttpPolicy(**options)
+        self.identify: Identify | None = self.policy.identify
         self.close_on_shutdown = close_on_shutdown
 
     # -- selection ------------------------------------------------------------------------
 
     def applies(self, scope: Scope) -> bool:
-        if scope["type"] != "http" or scope["method"] not in self.methods:
+        if scope["type"] != "http":
             return False
-        routes = self.routes
-        if routes is None:
-            return True
-        if callable(routes):
-            return bool(routes(scope))
-        path = scope["path"]
-        return any(fnmatchcase(path, pattern) for pattern in routes)
+        return self.policy.applies(scope["method"], scope["path"], scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan" and self.close_on_shutdown:
@@ -171,30 +139,38 @@ class IdempotencyMiddleware:
         if not self.applies(scope):
             await self.app(scope, receive, send)
             return
-        values = [v for k, v in scope.get("headers", ()) if k == self._header]
-        if not values:
-            if self.required:
-                await self._problem(send, 400, "missing", f"{self.header} is missing")
-                return
+        policy = self.policy
+        headers = scope.get("headers", ())
+        key = policy.read_key([v for k, v in headers if k == policy.header_bytes])
+        if key is None:
             await self.app(scope, receive, send)
             return
-        if len(values) > 1:
-            await self._problem(send, 400, "malformed", f"send one {self.header} header")
-            return
-        key, problem = parse_key(values[0], self.max_key_length)
-        if key is None:
-            await self._problem(send, 400, "malformed", f"{self.header} is malformed: {problem}")
+        if isinstance(key, Problem):
+            await send_raw(send, key)
             return
         body = await self._read_body(receive)
         if body is None:
             return  # the client went away
         if isinstance(body, int):
-            await self._problem(
-                send, 413, "too_large", f"the request body is larger than {body} bytes"
-            )
+            await send_raw(send, policy.too_large())
             return
-        identity = await self._identity(scope)
-        await self._run(scope, receive, send, key, identity, body)
+        request = HttpRequest(
+            scope["method"],
+            scope.get("root_path", "") + scope["path"],
+            bytes(scope.get("query_string", b"")),
+            [(bytes(k), bytes(v)) for k, v in headers],
+            body,
+        )
+        identified = None
+        if self.identify is not None:
+            identified = self.identify(scope)
+            if inspect.isawaitable(identified):
+                identified = await identified
+        identity = policy.scope_for(identified, request)
+        if isinstance(identity, Problem):
+            await send_raw(send, identity)
+            return
+        await self._run(scope, receive, send, key, identity, request)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The app's lifespan, untouched, with the store closed once the app has shut down
@@ -213,75 +189,66 @@ class IdempotencyMiddleware:
     # -- the idempotent run ---------------------------------------------------------------
 
     async def _run(
-        self, scope: Scope, receive: Receive, send: Send, key: str, identity: str, body: bytes
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        key: str,
+        identity: str,
+        request: HttpRequest,
     ) -> None:
-        raw = (identity, key)  # encoded by idem_core.keys: "namespace:http:<identity>:<key>"
+        raw = self.policy.raw_key(identity, key)
+        if self.engine is None:
+            answer = await self._answer(scope, receive, raw, request, None)
+        else:
+            # The claim, the app's writes on this connection and the stored response commit
+            # together (or roll back together) before anything is sent.
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    conn = await stack.enter_async_context(self.engine.connect())
+                    await stack.enter_async_context(conn.begin())
+                except Exception as exc:
+                    answer = self.policy.database_problem(exc, scope.get("path", ""))
+                else:
+                    answer = await self._answer(scope, receive, raw, request, conn)
+        if answer is not None:
+            await send_raw(send, answer)
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, raw: str, request: HttpRequest, conn: Any
+    ) -> Problem | None:
+        """What to send: a problem, the replay, or the app's response once it is stored."""
         try:
             call = self.idem.aclaim(
                 raw,
-                scope="http",
-                payload=self._fingerprint(scope, body),
-                lease=self.lease,
-                ttl=self.ttl,
-                result_type=StoredResponse,
-                on_in_progress="wait" if self.on_in_progress == "wait" else "raise",
-                wait_timeout=self.wait_timeout,
-                renew_every=self.renew_every,
+                payload=self.policy.fingerprint(request),
+                connection=conn,
+                **self.policy.claim_options(),
             )
             await call.enter()
-        except AlreadyInProgress:
-            await self._problem(
-                send,
-                409,
-                "in_progress",
-                "a request with this Idempotency-Key is still being processed; retry later",
-                retry_after=1,
-            )
-            return
-        except PayloadMismatch:
-            await self._problem(
-                send,
-                422,
-                "mismatch",
-                "this Idempotency-Key was already used for a different request; "
-                "use a new key for a new request",
-            )
-            return
-        except KeyMissing as exc:
-            await self._problem(send, 400, "malformed", str(exc))
-            return
-        except StoreUnavailable:
-            logger.exception("idempotency store unavailable for %s", scope.get("path"))
-            await self._problem(
-                send, 503, "unavailable", "the idempotency store is unavailable", retry_after=1
-            )
-            return
+        except Exception as exc:
+            answer = self.policy.claim_problem(exc, scope.get("path", ""))
+            if answer is None:
+                raise
+            return answer
         if call.replayed:
             stored: StoredResponse = call.result
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": stored.status,
-                    "headers": [*stored.headers, (REPLAYED_HEADER, b"true")],
-                }
-            )
-            await send({"type": "http.response.body", "body": stored.body, "more_body": False})
-            return
-        await self._execute(call, scope, receive, send, body)
+            return Problem(stored.status, self.policy.replay_headers(stored), stored.body)
+        return await self._execute(call, scope, receive, request.body, conn)
 
     async def _execute(
-        self, call: AsyncCall, scope: Scope, receive: Receive, send: Send, body: bytes
-    ) -> None:
+        self, call: AsyncCall, scope: Scope, receive: Receive, body: bytes, conn: Any
+    ) -> Problem | None:
         start: Message | None = None
         chunks: list[bytes] = []
 
         async def capture(message: Message) -> None:
+            # Buffered: nothing reaches the client before the response is stored.
             nonlocal start
             if message["type"] == "http.response.start":
                 start = message
             elif message["type"] == "http.response.body":
                 chunks.append(bytes(message.get("body", b"")))
-            await send(message)
 
         sent = False
 
@@ -300,23 +267,38 @@ class IdempotencyMiddleware:
         extensions.pop("http.response.pathsend", None)
         extensions.pop("http.response.zerocopysend", None)
         app_scope["extensions"] = extensions
+        if conn is not None:
+            # request.state.idem_connection in Starlette and FastAPI
+            app_scope["state"] = {**scope.get("state", {}), CONNECTION_STATE: conn}
         try:
             await self.app(app_scope, replay_body, capture)
         except BaseException:
             await _quietly(call.release())
             raise
-        if start is None or not self.store_status(int(start["status"])):
+        if start is None:
+            await _quietly(call.release())
+            return None
+        status = int(start["status"])
+        headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
+        content = b"".join(chunks)
+        await self._settle(call, status, headers, content)
+        return Problem(status, headers, content)
+
+    async def _settle(
+        self, call: AsyncCall, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """Store the response before it is sent; on a refusal the key is released."""
+        stored = self.policy.to_store(status, headers, body)
+        if stored is None:
             await _quietly(call.release())
             return
-        stored = StoredResponse(
-            int(start["status"]),
-            [(bytes(k), bytes(v)) for k, v in start.get("headers", ())],
-            b"".join(chunks),
-        )
         try:
             await call.complete(stored)
+        except ResultNotSerializable:
+            # Already ran: the client gets its response; the store refused it (too large),
+            # so the key was released and a retry will run again.
+            logger.warning("response for %r not stored: the store refused it", call.key)
         except (LeaseLost, StoreUnavailable):
-            # The response has been sent already: a retry will run the request again.
             logger.warning("could not store the response for %r", call.key, exc_info=True)
 
     # -- helpers --------------------------------------------------------------------------
@@ -324,118 +306,30 @@ class IdempotencyMiddleware:
     async def _read_body(self, receive: Receive) -> bytes | int | None:
         parts: list[bytes] = []
         size = 0
+        limit = self.policy.max_body_bytes
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
-                return self.max_body_bytes
+            if size > limit:
+                return limit
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
 
-    async def _identity(self, scope: Scope) -> str:
-        if self.identify is None:
-            return "-"
-        value = self.identify(scope)
-        if not isinstance(value, str) and value is not None:
-            value = await value
-        if not value:
-            return "-"
-        # Hashed: credentials must not be readable in the store, and ':' must not split keys.
-        return hashlib.blake2b(value.encode(), digest_size=16).hexdigest()
 
-    def _fingerprint(self, scope: Scope, body: bytes) -> list[Any]:
-        headers = dict(scope.get("headers", ()))
-        return [
-            scope["method"],
-            scope.get("root_path", "") + scope["path"],
-            bytes(scope.get("query_string", b"")),
-            hashlib.blake2b(body, digest_size=32).digest(),
-            [headers.get(name) for name in self.fingerprint_headers],
-        ]
-
-    async def _problem(
-        self, send: Send, status: int, code: str, detail: str, retry_after: int | None = None
-    ) -> None:
-        await send_problem(send, status, code, detail, retry_after)
-
-
-_TITLES = {
-    400: "Idempotency-Key is missing or malformed",
-    409: "A request is outstanding for this Idempotency-Key",
-    413: "Request body too large to fingerprint",
-    422: "Idempotency-Key is already used",
-    503: "Idempotency store unavailable",
-}
+async def send_raw(send: Send, answer: Problem) -> None:
+    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
 
 
 async def send_problem(
     send: Send, status: int, code: str, detail: str, retry_after: int | None = None
 ) -> None:
     """An RFC 9457 problem response; ``code`` is an extension member for programs to test."""
-    body = json.dumps(
-        {
-            "type": "about:blank",
-            "title": _TITLES.get(status, "Idempotency error"),
-            "status": status,
-            "detail": detail,
-            "code": f"idempotency_key_{code}",
-        }
-    ).encode()
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode()),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def parse_key(value: bytes, max_length: int) -> tuple[str | None, str]:
-    """The key from a header value, or (None, why not).
-
-    The draft makes the field a Structured Field string (``"abc"``, with ``\\"`` and ``\\\\``
-    escapes); bare tokens of visible ASCII are accepted too, since many clients send them.
-    """
-    try:
-        text = value.decode("ascii").strip(" \t")
-    except UnicodeDecodeError:
-        return None, "only printable ASCII is allowed"
-    if text.startswith('"'):
-        out: list[str] = []
-        i, n = 1, len(text)
-        while i < n:
-            ch = text[i]
-            if ch == "\\":
-                if i + 1 >= n or text[i + 1] not in '"\\':
-                    return None, "bad escape in the quoted string"
-                out.append(text[i + 1])
-                i += 2
-                continue
-            if ch == '"':
-                if i != n - 1:
-                    return None, "characters after the closing quote"
-                key = "".join(out)
-                break
-            if not 0x20 <= ord(ch) <= 0x7E:
-                return None, "only printable ASCII is allowed"
-            out.append(ch)
-            i += 1
-        else:
-            return None, "unterminated quoted string"
-    else:
-        key = text
-        if any(not 0x21 <= ord(ch) <= 0x7E or ch == '"' for ch in key):
-            return None, "only visible ASCII without spaces, or a quoted string, is allowed"
-    if not key:
-        return None, "the key is empty"
-    if len(key) > max_length:
-        return None, f"the key is longer than {max_length} characters"
-    return key, ""
+    await send_raw(send, problem(status, code, detail, retry_after))
 
 
 async def _quietly(op: Awaitable[None]) -> None:

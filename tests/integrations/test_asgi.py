@@ -121,8 +121,10 @@ async def until(condition: Any, seconds: float = 5.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def client_for(app: Any, **headers: str) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+def client_for(app: Any, raise_errors: bool = False, **headers: str) -> httpx.AsyncClient:
+    """A client of one caller: keys are scoped by credentials, so it sends some."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_errors)
+    headers = {"authorization": "Bearer tester", **headers}
     return httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers)
 
 
@@ -155,7 +157,9 @@ async def test_replays_first_response_byte_for_byte(aidem: Idempotency) -> None:
     assert again.headers["idempotent-replayed"] == "true"
     assert "idempotent-replayed" not in first.headers
     replayed = [(k, v) for k, v in again.headers.raw if k.lower() != b"idempotent-replayed"]
-    assert replayed == first.headers.raw
+    # everything but the credential the first response set, in order, byte for byte
+    assert replayed == [(k, v) for k, v in first.headers.raw if k.lower() != b"set-cookie"]
+    assert first.headers["set-cookie"] == "a=1"
 
 
 async def test_reused_key_for_another_request_is_422(aidem: Idempotency) -> None:
@@ -347,7 +351,7 @@ async def test_keys_are_scoped_by_identity(midem: Idempotency) -> None:
 
     counter = Counter()
     app = wrapped(midem, counter, identify=tenant)
-    async with client_for(app) as client:
+    async with client_for(app, authorization="") as client:
         t1 = await client.post("/orders", json={}, headers={**key, "x-tenant": "t1"})
         t2 = await client.post("/orders", json={}, headers={**key, "x-tenant": "t2"})
         t1b = await client.post("/orders", json={}, headers={**key, "x-tenant": "t1"})
@@ -359,7 +363,7 @@ async def test_keys_are_scoped_by_identity(midem: Idempotency) -> None:
     midem.on_event(lambda e: seen.append(e.key))
 
     async def async_identity(scope: Any) -> str:
-        return "user:42"
+        return "user:42"  # not in the stored key: hashed
 
     app = wrapped(midem, Counter(), identify=async_identity)
     async with client_for(app) as client:
@@ -504,7 +508,21 @@ def uvicorn_server(store_url: str) -> Iterator[tuple[str, Counter]]:
         yield
         await idem.aclose()  # the async store lives on the server's loop
 
-    routes = [Route("/pay", slow, methods=["POST"])]
+    async def account(request: Request) -> Response:
+        # A cookie-session app: the caller is whoever the session cookie names.
+        counter.hit(request.url.path)
+        user = request.cookies.get("session", "nobody")
+        return JSONResponse(
+            {"user": user, "id": uuid.uuid4().hex},
+            status_code=201,
+            headers={
+                "set-cookie": f"session={user}-rotated; HttpOnly",
+                "www-authenticate": f'Bearer realm="{user}"',
+                "x-request-id": uuid.uuid4().hex,
+            },
+        )
+
+    routes = [Route("/pay", slow, methods=["POST"]), Route("/account", account, methods=["POST"])]
     app = IdempotencyMiddleware(Starlette(routes=routes, lifespan=lifespan), idem=idem)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -526,7 +544,8 @@ async def test_50_concurrent_requests_run_the_handler_once(
 ) -> None:
     base, counter = uvicorn_server
     limits = httpx.Limits(max_connections=60)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+    auth = {"authorization": "Bearer racer"}
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30, headers=auth) as client:
         h = {"Idempotency-Key": f"race-{uuid.uuid4().hex}"}
         responses = await asyncio.gather(
             *(client.post("/pay", content=b"same", headers=h) for _ in range(50))
@@ -547,3 +566,38 @@ async def test_50_concurrent_requests_run_the_handler_once(
     assert after.status_code == 200
     assert after.content == fresh[0].content
     assert after.headers["idempotent-replayed"] == "true"
+
+
+async def test_cookie_sessions_never_share_a_key(uvicorn_server: tuple[str, Counter]) -> None:
+    """Two users of a cookie-session app send the same key: each gets their own response,
+    never the other's body or Set-Cookie (on main the second got the first's)."""
+    base, counter = uvicorn_server
+    key = {"Idempotency-Key": "checkout-1", "content-type": "application/json"}
+    body = b'{"cart": 1}'
+
+    async def post(**headers: str) -> httpx.Response:
+        # a client of its own per request: no cookie jar carries one caller's cookie over
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            return await client.post("/account", content=body, headers={**key, **headers})
+
+    alice = await post(cookie="session=alice")
+    bob = await post(cookie="session=bob")
+    alice_again = await post(cookie="session=alice")
+    # A cookie the app does not name as a credential, and no credentials at all: refused.
+    unnamed = await post(cookie="sid=x")
+    nothing = await post()
+    assert alice.status_code == bob.status_code == 201
+    assert alice.json()["user"] == "alice"
+    assert bob.json()["user"] == "bob"
+    assert "idempotent-replayed" not in bob.headers
+    assert bob.headers["set-cookie"] == "session=bob-rotated; HttpOnly"
+    assert alice_again.content == alice.content
+    assert alice_again.headers["idempotent-replayed"] == "true"
+    assert counter.by_path["/account"] == 2
+    # the replay carries no credential the first response set
+    assert "set-cookie" not in alice_again.headers
+    assert "www-authenticate" not in alice_again.headers
+    assert alice_again.headers["x-request-id"] == alice.headers["x-request-id"]
+    is_problem(unnamed, 400, "no_identity")
+    assert "cookies=" in unnamed.json()["detail"]
+    is_problem(nothing, 400, "no_identity")
