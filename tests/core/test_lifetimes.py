@@ -334,14 +334,7 @@ print("ok")
     "kind",
     [
         "memory",
-        pytest.param(
-            "sqlite",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="aiosqlite warns for the connections of an abandoned store: the SQL "
-                "backend's fix (sql branch) makes an abandoned store quiet; drop this mark then",
-            ),
-        ),
+        "sqlite",
     ],
 )
 def test_many_event_loops_then_exit_print_nothing(kind: str, tmp_path: Path) -> None:
