@@ -220,14 +220,19 @@ def build(config: Config, *, aio: bool) -> Any:
             retry=retry,
             **kwargs,
         )
-    sentinel = importlib.import_module(f"{package}.sentinel").Sentinel(
-        list(config.nodes),
-        sentinel_kwargs={**config.sentinel_kwargs, **_timeouts(config)},
-        retry=retry,
-        ssl=config.tls,
-        **kwargs,
+    sentinels = importlib.import_module(f"{package}.sentinel")
+    # the sentinels' clients get our retry too: redis-py's default backs off for seconds
+    own = {**config.sentinel_kwargs, **_timeouts(config), "retry": retry}
+    sentinel = sentinels.Sentinel(list(config.nodes), sentinel_kwargs=own, retry=retry, **kwargs)
+    for each in sentinel.sentinels:  # one client per sentinel, not connected yet
+        pool = each.connection_pool
+        pool.connection_class = bounded(pool.connection_class, aio)
+    managed = (
+        sentinels.SentinelManagedSSLConnection
+        if config.tls
+        else sentinels.SentinelManagedConnection
     )
-    return sentinel.master_for(config.service)
+    return sentinel.master_for(config.service, connection_class=bounded(managed, aio))
 
 
 def connections(client: Any) -> Iterator[Any]:

@@ -173,8 +173,11 @@ def _port(text: str, default: int, url: str) -> int:
     return int(text)
 
 
-def _hosts(netloc: str, default_port: int, url: str) -> tuple[str, tuple[tuple[str, int], ...]]:
-    """Split ``user:pw@h1:p1,h2:p2`` into its user info and host list."""
+def _hosts(
+    netloc: str, default_port: int, url: str, local: bool = False
+) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """Split ``user:pw@h1:p1,h2:p2`` into its user info and host list (``local``: no host
+    means the local server)."""
     userinfo, _, hostlist = netloc.rpartition("@")
     nodes = []
     for part in hostlist.split(","):
@@ -189,6 +192,8 @@ def _hosts(netloc: str, default_port: int, url: str) -> tuple[str, tuple[tuple[s
         else:
             host, _, port_text = part.partition(":")
         nodes.append((unquote(host) or "127.0.0.1", _port(port_text, default_port, url)))
+    if not nodes and local:
+        nodes.append(("127.0.0.1", default_port))
     if not nodes:
         raise ConfigurationError(f"no host in {url!r}")
     return userinfo, tuple(nodes)
@@ -283,7 +288,7 @@ def parse(url: str) -> Config:
         kwargs = _credentials(parts.netloc.rpartition("@")[0]) | kwargs
         return Config(kind="standalone", path=unquote(parts.path), kwargs=kwargs, **common)
     if scheme in {"redis", "rediss"}:
-        userinfo, nodes = _hosts(parts.netloc, 6379, url)
+        userinfo, nodes = _hosts(parts.netloc, 6379, url, local=True)
         if len(nodes) > 1:
             raise ConfigurationError(
                 f"several hosts in {url!r}: use redis+cluster:// or redis+sentinel://"

@@ -288,3 +288,75 @@ def test_default_max_result_size_is_the_servers_bulk_limit(own_server: RedisServ
     finally:
         admin.close()
         store.close()
+
+
+class Sentinel(RedisServer):
+    """One sentinel watching ``master`` as service ``mymaster`` (quorum 1, no failover soon)."""
+
+    def __init__(self, workdir: Path, master: RedisServer) -> None:
+        super().__init__(workdir)
+        conf = workdir / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {workdir}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds mymaster 60000\n"
+        )
+        self.conf = conf
+
+    def start(self, timeout: float = 10.0) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            ["redis-server", str(self.conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with redis.Redis(port=self.port, socket_timeout=0.5) as probe:
+                    if probe.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"):
+                        return
+            except redis.exceptions.RedisError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the sentinel did not start")
+
+
+@pytest.mark.slow
+def test_sentinel_calls_keep_to_the_budget(own_server: RedisServer, tmp_path: Path) -> None:
+    """Through a sentinel, a frozen master is StoreUnavailable within the budget, sync and
+    async, as is a frozen sentinel for a store on its first call."""
+    sentinel = Sentinel(tmp_path / "sentinel", own_server)
+    try:
+        sentinel.start()
+    except Exception as exc:
+        sentinel.stop()
+        server_missing("redis-sentinel", f"could not be started: {exc}")
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/mymaster?timeout={TIMEOUT}&retries=1"
+    twins = Twins(with_params(url, prefix=f"sentinel-{uuid.uuid4().hex}:"))
+    budget = 2 * TIMEOUT
+    try:
+        for _, call in twins.each(lambda s: s.claim(req(uuid.uuid4().hex))):
+            assert call().outcome is ClaimOutcome.CLAIMED
+        own_server.pause()
+        try:
+            for twin, call in twins.each(lambda s: s.claim(req("k"))):
+                error, elapsed = timed_unavailable(call)
+                assert_driver_cause(error)
+                assert elapsed < budget + TIMEOUT + 0.5, (twin, elapsed, repr(error.__cause__))
+        finally:
+            own_server.resume()
+        sentinel.pause()
+        try:
+            fresh = Twins(url)
+            for twin, call in fresh.each(lambda s: s.claim(req("k"))):
+                error, elapsed = timed_unavailable(call)
+                assert_driver_cause(error)
+                assert elapsed < budget + TIMEOUT + 0.5, (twin, elapsed, repr(error.__cause__))
+            fresh.close()
+        finally:
+            sentinel.resume()
+    finally:
+        twins.close()
+        sentinel.stop()
