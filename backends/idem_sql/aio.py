@@ -143,11 +143,25 @@ class AsyncSQLStore(_Common):
             try:
                 if self._deadline is None:
                     return await op()
-                async with asyncio.timeout(self._deadline):
-                    return await op()
+                return await self._bounded(op, self._deadline)
             except self._transient as exc:
                 if self._after(exc, tried, retry=retry, create=create) == SETUP:
                     await self.setup()
+
+    @staticmethod
+    async def _bounded(op: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """``await op()`` within ``deadline`` seconds (drivers without a read timeout)."""
+        bound = asyncio.timeout(deadline)
+        try:
+            async with bound:
+                return await op()
+        except TimeoutError as exc:
+            if not bound.expired():
+                raise  # the driver's own (connect) timeout
+            raise TimeoutError(
+                f"no answer from the server within {deadline:g} s "
+                "(connect_timeout + read_timeout); the connection was discarded"
+            ) from exc
 
     # -- operations ----------------------------------------------------------------------
 
