@@ -102,7 +102,9 @@ class AsyncSQLStore(_Common):
             raise ConfigurationError(
                 f"bind() takes a sqlalchemy AsyncConnection, not {type(connection).__name__}"
             )
-        return AsyncSQLStore(self.sql, connection=connection, create=False, label=self._label)
+        view = AsyncSQLStore(self.sql, connection=connection, create=False, label=self._label)
+        view._limit = self._limit  # what this store learnt of the server
+        return view
 
     # -- I/O -----------------------------------------------------------------------------
 
