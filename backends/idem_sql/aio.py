@@ -102,7 +102,9 @@ class AsyncSQLStore(_Common):
             raise ConfigurationError(
                 f"bind() takes a sqlalchemy AsyncConnection, not {type(connection).__name__}"
             )
-        return AsyncSQLStore(self.sql, connection=connection, create=False, label=self._label)
+        view = AsyncSQLStore(self.sql, connection=connection, create=False, label=self._label)
+        view._limit = self._limit  # what this store learnt of the server
+        return view
 
     # -- I/O -----------------------------------------------------------------------------
 
@@ -143,11 +145,25 @@ class AsyncSQLStore(_Common):
             try:
                 if self._deadline is None:
                     return await op()
-                async with asyncio.timeout(self._deadline):
-                    return await op()
+                return await self._bounded(op, self._deadline)
             except self._transient as exc:
                 if self._after(exc, tried, retry=retry, create=create) == SETUP:
                     await self.setup()
+
+    @staticmethod
+    async def _bounded(op: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """``await op()`` within ``deadline`` seconds (drivers without a read timeout)."""
+        bound = asyncio.timeout(deadline)
+        try:
+            async with bound:
+                return await op()
+        except TimeoutError as exc:
+            if not bound.expired():
+                raise  # the driver's own (connect) timeout
+            raise TimeoutError(
+                f"no answer from the server within {deadline:g} s "
+                "(connect_timeout + read_timeout); the connection was discarded"
+            ) from exc
 
     # -- operations ----------------------------------------------------------------------
 

@@ -290,20 +290,29 @@ def _engine_args(database: str, sa_url: URL, opts: dict[str, Any]) -> dict[str, 
             for name in ("pool_size", "max_overflow", "pool_timeout"):
                 args.pop(name, None)
     else:
-        args["connect_args"] = _timeout_args(sa_url.get_driver_name(), opts)
+        args["connect_args"] = _timeout_args(sa_url.get_driver_name(), opts, set(sa_url.query))
     return args
 
 
-def _timeout_args(driver: str, opts: dict[str, Any]) -> dict[str, Any]:
-    """The connect and read timeouts, in each driver's own terms."""
+def _timeout_args(driver: str, opts: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """The connect and read timeouts, in each driver's own terms (``connect_args`` win over
+    the URL's parameters: what the URL names (``given``) is left to it)."""
     connect, read = opts["connect_timeout"], opts["read_timeout"]
     if driver in ("psycopg", "psycopg_async"):
-        # libpq takes whole seconds (psycopg enforces at least 2).
-        return {"connect_timeout": max(2, math.ceil(connect))}
+        # libpq takes whole seconds (psycopg enforces at least 2). TCP keepalives find an
+        # idle pooled connection whose path died before a statement waits on it.
+        args: dict[str, Any] = {"connect_timeout": max(2, math.ceil(connect))}
+        keepalives = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10}
+        keepalives["keepalives_count"] = 3
+        args.update({k: v for k, v in keepalives.items() if k not in given})
+        return args
     if driver == "asyncpg":
         return {"timeout": connect}
     if driver == "pymysql":
-        return {"connect_timeout": connect, "read_timeout": read, "write_timeout": read}
+        args = {"connect_timeout": connect, "read_timeout": read}
+        if "write_timeout" not in given:
+            args["write_timeout"] = read
+        return args
     if driver == "aiomysql":
         # aiomysql has no read or write timeout: the store's asyncio deadline bounds reads.
         return {"connect_timeout": connect}

@@ -104,5 +104,6 @@ def translate(exc: BaseException, where: str, *, table: str) -> IdempotencyError
     text = str(orig).lower()
     if getattr(exc, _CALLERS, None) is None and any(marker in text for marker in _NUL):
         return KeyMissing(f"{where}: a key or value contains a NUL character, which is refused")
-    detail = f"{type(orig).__name__}: {orig}".strip()
+    said = str(orig) or ("no answer in time" if isinstance(orig, TimeoutError) else "")
+    detail = f"{type(orig).__name__}: {said}".strip()
     return StoreUnavailable(f"{where}: {detail}")

@@ -84,7 +84,9 @@ class SQLStore(_Common):
             raise ConfigurationError(
                 f"bind() takes a sqlalchemy Connection, not {type(connection).__name__}"
             )
-        return SQLStore(self.sql, connection=connection, create=False, label=self._label)
+        view = SQLStore(self.sql, connection=connection, create=False, label=self._label)
+        view._limit = self._limit  # what this store learnt of the server
+        return view
 
     # -- I/O -----------------------------------------------------------------------------
 
