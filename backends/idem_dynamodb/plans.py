@@ -5,8 +5,11 @@ call and sends back the response dict, or a :class:`Failed` when the call failed
 the error codes the call expects (a failed condition). Other driver errors never reach the
 plan: the driver raises ``StoreUnavailable``. The plan returns the operation's result.
 
-The write conditions are the translation of :func:`idem_core.machine.takeable` and
-:func:`idem_core.machine.holds`; whatever comes back is interpreted by the machine.
+The write conditions are the translation of :func:`idem_core.machine.holds` and of
+:func:`idem_core.machine.takeable`, with one deliberate difference: with no shared clock, a
+live-looking lease is taken over only by a store that watched it lapse (``Plans.watched``),
+or by the wall clock once it ended ``skew_allowance`` ago. Whatever comes back is
+interpreted by the machine.
 """
 
 from __future__ import annotations
