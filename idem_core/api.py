@@ -81,6 +81,9 @@ class CallSettings(TypedDict, total=False):
     renew_every: float | None
 
 
+_CALL_SETTINGS = frozenset(CallSettings.__annotations__)
+
+
 class Idempotency:
     """Makes functions and blocks idempotent on one store, for sync and async code alike.
 
@@ -288,7 +291,8 @@ class Idempotency:
     # -- context managers ---------------------------------------------------------------
 
     def _options(self, settings: CallSettings, function: str | None = None) -> Options:
-        validate.known("claim", settings, CallSettings.__annotations__)
+        if not settings.keys() <= _CALL_SETTINGS:
+            validate.known("claim", settings, _CALL_SETTINGS)
         cache_errors = settings.get("cache_errors", ())
         ttl, lease = settings.get("ttl"), settings.get("lease")
         return Options(
