@@ -75,6 +75,9 @@ class CallSettings(TypedDict, total=False):
     renew_every: float | None
 
 
+_CALL_SETTINGS = frozenset(CallSettings.__annotations__)
+
+
 class Idempotency:
     """Makes functions and blocks idempotent on one store, for sync and async code alike.
 
@@ -266,7 +269,8 @@ class Idempotency:
     # -- context managers ---------------------------------------------------------------
 
     def _options(self, settings: CallSettings, function: str | None = None) -> Options:
-        validate.known("claim", settings, CallSettings.__annotations__)
+        if not settings.keys() <= _CALL_SETTINGS:
+            validate.known("claim", settings, _CALL_SETTINGS)
         cache_errors = settings.get("cache_errors", ())
         ttl, lease = settings.get("ttl"), settings.get("lease")
         return Options(
@@ -453,10 +457,12 @@ class Idempotency:
         get_key = extractor(key, "key", bind)
         get_payload = None if payload is None else extractor(payload, "payload", bind)
         get_conn = None if connection is None else extractor(connection, "connection", bind)
+        if isinstance(connection, str):
+            bind.leave_out(connection)  # a connection is how the call runs, not its input
         key_index = bind.index_of(key)
         namespace, lease_s, ttl_s = self.namespace, opts.lease, opts.ttl
         head = prefix(namespace, name)  # the encoded "namespace:scope:", built once
-        arity, names, plain, skip = bind.arity, bind.names, bind.simple, bind.skip
+        arity, names, plain, skip, omit = bind.arity, bind.names, bind.simple, bind.skip, bind.omit
 
         def prepare(args: tuple[Any, ...], kwargs: dict[str, Any], limit: int) -> ClaimRequest:
             # The fingerprint covers every argument (but self/cls) in parameter order, however
@@ -468,6 +474,8 @@ class Idempotency:
                     raw = get_key(dict(zip(names, args, strict=True)))
                 if get_payload is not None:
                     fp = fingerprint(get_payload(dict(zip(names, args, strict=True))))
+                elif omit:
+                    fp = fingerprint(bind.values(dict(zip(names, args, strict=True))))
                 else:
                     fp = fingerprint(args[skip:] if skip else args)
             else:

@@ -6,7 +6,8 @@ however the call passed them (positionally, by keyword, in any keyword order); a
 catch-all is a dict, which the canonical encoding sorts. A first parameter named ``self`` or
 ``cls`` (a method, a classmethod, a Celery ``bind=True`` task) is left out of the default
 fingerprint and of a key callable's positional arguments: it is the object the call runs on,
-not its input. A key or payload callable may still ask for it by name.
+not its input. A key or payload callable may still ask for it by name. So is the argument a
+``connection=`` name points to.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ RECEIVERS = ("self", "cls")
 class Binder:
     """Maps a call's arguments to parameter names, cheaply for plain signatures."""
 
-    __slots__ = ("arity", "defaults", "names", "positional", "sig", "simple", "skip")
+    __slots__ = ("arity", "defaults", "names", "omit", "positional", "sig", "simple", "skip")
 
     def __init__(self, func: Callable[..., Any]) -> None:
         try:
@@ -46,6 +47,13 @@ class Binder:
             and first.name in RECEIVERS
             and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
         )
+        #: other arguments left out of the default fingerprint (a ``connection=`` argument)
+        self.omit: frozenset[str] = frozenset()
+
+    def leave_out(self, name: str) -> None:
+        """Leave argument ``name`` out of the default fingerprint: it is how the call runs
+        (a database connection), not what it does."""
+        self.omit = self.omit | {name}
 
     def index_of(self, key: Any) -> int | None:
         """The position of a single-name key among plain parameters, for the fast path."""
@@ -84,8 +92,13 @@ class Binder:
         return dict(ba.arguments)
 
     def values(self, bound: dict[str, Any]) -> tuple[Any, ...]:
-        """What the default fingerprint covers: every argument but the receiver."""
-        values = tuple(bound.values())
+        """What the default fingerprint covers: every argument but the receiver (and those
+        left out)."""
+        if self.omit:
+            omit = self.omit
+            values = tuple(v for k, v in bound.items() if k not in omit)
+        else:
+            values = tuple(bound.values())
         return values[self.skip :] if self.skip else values
 
 

@@ -21,6 +21,10 @@ MAX_RETRIES = 100
 
 def seconds(name: str, value: object, *, none: bool = False) -> float:
     """A positive, finite number of seconds up to 10 years (``None`` when ``none``)."""
+    # The common case first, cheaply (claim() checks its settings on every call): NaN and
+    # infinities fail the comparison.
+    if (type(value) is float or type(value) is int) and 0 < value <= MAX_SECONDS:
+        return float(value)
     if value is None and none:
         return value  # type: ignore[return-value]
     if (
@@ -78,6 +82,8 @@ def text(name: str, value: object, *, forbidden: str = "", maximum: int | None =
 
 
 def exception_types(name: str, value: object) -> tuple[type[BaseException], ...]:
+    if value == ():
+        return ()
     if not isinstance(value, tuple) or not all(
         isinstance(t, type) and issubclass(t, BaseException) for t in value
     ):

@@ -316,3 +316,31 @@ def test_a_first_parameter_with_another_name_is_an_argument(idem: Idempotency) -
 
     with pytest.raises(KeyMissing, match="cannot fingerprint"):
         process(Opaque(), "o-1")
+
+
+def test_a_connection_argument_is_left_out(tmp_path: Any) -> None:
+    # The documented decorator form: before, KeyMissing (a Connection cannot be fingerprinted).
+    from sqlalchemy import create_engine
+
+    url = f"sqlite:///{tmp_path / 'conn.db'}"
+    idem = Idempotency(url=f"{url}?table=idem_conn")
+    idem.store.setup()
+    engine = create_engine(url)
+    runs: list[int] = []
+
+    @idem.idempotent(key="key", connection="conn")
+    def place(conn: Any, key: str, amount: int) -> int:
+        runs.append(amount)
+        return amount
+
+    try:
+        with engine.begin() as conn:
+            assert place(conn, "k1", 5) == 5
+        with engine.begin() as conn:
+            assert place(conn, key="k1", amount=5) == 5  # another connection: a replay
+        with engine.begin() as conn, pytest.raises(PayloadMismatch):
+            place(conn, "k1", 6)
+        assert runs == [5]
+    finally:
+        engine.dispose()
+        idem.close()

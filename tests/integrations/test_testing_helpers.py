@@ -35,7 +35,7 @@ def test_lambda_handler_on_every_store(idem: Idempotency) -> None:
     )
     assert report.result["statusCode"] == 201
     assert len(report.concurrent_results) + report.in_progress == 8
-    assert report.key.endswith("#o-1")
+    assert report.key.endswith(":o-1")  # namespace:handler:key
     # Run again (a second test run on a shared store): the stale record is set aside.
     assert_idempotent(handler, api_gateway_v1({"order_id": "o-1", "amount": 10}), None)
 
