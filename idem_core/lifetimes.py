@@ -142,8 +142,8 @@ class Stores:
         The shortcut: asyncio's loops record the thread running them (``_thread_id``, None
         once stopped), and a thread runs one loop at a time; so when the last entry's loop
         runs on this thread, it is the running loop. One attribute read and ``get_ident()``
-        instead of ``get_running_loop()`` (a system call on Python 3.11). Loops without
-        ``_thread_id`` (uvloop) take the lookup every time.
+        instead of ``get_running_loop()`` (a system call on Python 3.11). Other loops
+        (uvloop) take the lookup every time.
         """
         entry = self.hot
         if entry.loop._thread_id == this_thread() and entry.live:
@@ -157,7 +157,7 @@ class Stores:
                     self._abandon_closed_loops()
                     entry = self._open_async(loop)
                     self._loops[loop] = entry
-        if loop is not None and getattr(loop, "_thread_id", None) is not None:
+        if isinstance(loop, asyncio.BaseEventLoop):  # whose _thread_id we know the meaning of
             self.hot = entry  # one reference: other threads see the old entry or this one
         return entry.store
 

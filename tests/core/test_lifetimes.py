@@ -23,6 +23,7 @@ from tracked_backend import Tracked, install
 
 from idem_core import AlreadyInProgress, ConfigurationError, EventKind, Idempotency
 from idem_core.memory import AsyncMemoryStore, MemoryStore
+from idem_core.registry import register
 from idem_core.testing import assert_idempotent
 
 
@@ -66,6 +67,23 @@ def test_each_event_loop_gets_a_store_of_its_own(tracked: Tracked) -> None:
     # The stores of closed loops are dropped, unclosed (nothing can await their close).
     assert len(idem._stores._loops) == 1
     assert tracked.closed == []
+
+
+# A module-level object, as in every doc example, used by tests that each get their own
+# pytest-asyncio event loop.
+_MODULE_BACKEND = install()
+MODULE_IDEM = Idempotency.from_url("tracked://", namespace="module")
+
+
+@pytest.mark.parametrize("test_case", [1, 2, 3])
+async def test_a_module_level_object_serves_each_tests_event_loop(test_case: int) -> None:
+    register("tracked", _MODULE_BACKEND)  # other tests install their own
+    store = MODULE_IDEM.astore
+    assert store.loop is asyncio.get_running_loop()  # type: ignore[attr-defined]
+    async with MODULE_IDEM.aclaim(f"case-{test_case}") as call:
+        await call.complete(test_case)
+    async with MODULE_IDEM.aclaim(f"case-{test_case}") as call:
+        assert call.replayed and call.result == test_case
 
 
 def test_threads_with_loops_of_their_own_share_the_records(tracked: Tracked) -> None:
