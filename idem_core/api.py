@@ -435,12 +435,6 @@ class Idempotency:
         bind = Binder(func)
         if scope is not None:
             validate.text("scope", scope)
-        # Decided now, not after the function has run: a return type that cannot be stored is
-        # a ConfigurationError at decoration (one naming a type not defined yet is resolved
-        # on the first call, before anything runs).
-        codec = ResultCodec(
-            _return_type(func) if result_type is None else result_type, cache_errors
-        )
         name = scope or f"{func.__module__}.{func.__qualname__}"
         opts = self._options(
             {
@@ -452,6 +446,13 @@ class Idempotency:
                 "renew_every": renew_every,
             },
             function=name,
+        )
+        # Decided now, not after the function has run: a return type that cannot be stored is
+        # a ConfigurationError at decoration (one naming a type not defined yet is resolved
+        # on the first call, before anything runs). After _options: the settings it checks
+        # (cache_errors) are the codec's inputs.
+        codec = ResultCodec(
+            _return_type(func) if result_type is None else result_type, cache_errors
         )
         opts.codec = codec
         get_key = extractor(key, "key", bind)

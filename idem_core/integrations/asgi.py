@@ -103,8 +103,8 @@ class IdempotencyMiddleware:
 
     The other options are those of :class:`~idem_core.integrations.http.HttpPolicy`.
     The response is buffered until it is stored, so a retry that arrives after the client got
-    it is always a replay; a response the store refuses (too large) is sent with the key
-    released, and logged.
+    it is always a replay; a response the store refuses (too large) is sent, recorded as not
+    stored (a retry gets a 500 problem and never runs the request again), and logged.
     """
 
     def __init__(
@@ -226,13 +226,15 @@ class IdempotencyMiddleware:
                 **self.policy.claim_options(),
             )
             await call.enter()
+            # A replay's result is read here: a first response that could not be stored
+            # raises ResultNotSerializable, answered below.
+            stored: StoredResponse | None = call.result if call.replayed else None
         except Exception as exc:
             answer = self.policy.claim_problem(exc, scope.get("path", ""))
             if answer is None:
                 raise
             return answer
-        if call.replayed:
-            stored: StoredResponse = call.result
+        if stored is not None:
             return Problem(stored.status, self.policy.replay_headers(stored), stored.body)
         return await self._execute(call, scope, receive, request.body, conn)
 
@@ -287,7 +289,8 @@ class IdempotencyMiddleware:
     async def _settle(
         self, call: AsyncCall, status: int, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> None:
-        """Store the response before it is sent; on a refusal the key is released."""
+        """Store the response before it is sent. One the store refuses (too large) is recorded
+        as not stored: retries get a 500 problem, never a second run (idem_core's rule)."""
         stored = self.policy.to_store(status, headers, body)
         if stored is None:
             await _quietly(call.release())
@@ -295,8 +298,7 @@ class IdempotencyMiddleware:
         try:
             await call.complete(stored)
         except ResultNotSerializable:
-            # Already ran: the client gets its response; the store refused it (too large),
-            # so the key was released and a retry will run again.
+            # Even the small "not stored" record was refused: the key was released.
             logger.warning("response for %r not stored: the store refused it", call.key)
         except (LeaseLost, StoreUnavailable):
             logger.warning("could not store the response for %r", call.key, exc_info=True)

@@ -139,13 +139,16 @@ class _Guard:
                 **self.policy.claim_options(),
             )
             call.enter()
+            # A replay's result is read here: a first response that could not be stored
+            # raises ResultNotSerializable, answered below.
+            stored = call.result if call.replayed else None
         except Exception as exc:
             answer = self.policy.claim_problem(exc, request.path)
             if answer is None:
                 raise
             return _as_response(answer)
-        if call.replayed:
-            return _as_response(call.result, replayed=True)
+        if stored is not None:
+            return _as_response(stored, replayed=True)
         try:
             response = respond()
             status, headers, body = _response_parts(response)

@@ -34,6 +34,7 @@ from ..errors import (
     ConfigurationError,
     KeyMissing,
     PayloadMismatch,
+    ResultNotSerializable,
     StoreUnavailable,
 )
 
@@ -440,6 +441,16 @@ class HttpPolicy:
             return problem(400, "malformed", str(exc))
         if isinstance(exc, StoreUnavailable):
             return self.unavailable(exc, where)
+        if isinstance(exc, ResultNotSerializable):
+            # The first request ran, and its response was sent but could not be stored (too
+            # large for the store): it never runs again for this key, and retries learn why.
+            logger.warning("%s: a retry of a request whose response was not stored", where)
+            return problem(
+                500,
+                "response_not_stored",
+                "the request with this Idempotency-Key was processed, but its response could "
+                "not be stored, so it cannot be replayed; it will not be processed again",
+            )
         return None
 
     def database_problem(self, exc: Exception, where: str) -> Problem:

@@ -55,7 +55,8 @@ class IdempotencyMiddleware:
     :class:`~idem_core.integrations.http.HttpPolicy`.
 
     The response is buffered and stored before it is sent; a response the store refuses
-    (too large) is sent with its key released, and logged.
+    (too large) is sent, recorded as not stored (a retry gets a 500 problem and never runs
+    the request again), and logged.
     """
 
     def __init__(
@@ -118,13 +119,15 @@ class IdempotencyMiddleware:
                 raw, payload=policy.fingerprint(request), connection=conn, **policy.claim_options()
             )
             call.enter()
+            # A replay's result is read here: a first response that could not be stored
+            # raises ResultNotSerializable, answered below.
+            stored: StoredResponse | None = call.result if call.replayed else None
         except Exception as exc:
             answer = policy.claim_problem(exc, request.path)
             if answer is None:
                 raise
             return answer
-        if call.replayed:
-            stored: StoredResponse = call.result
+        if stored is not None:
             reason = stored.reason or reason_phrase(stored.status)
             return Problem(stored.status, policy.replay_headers(stored), stored.body, reason)
         app_environ = dict(environ)

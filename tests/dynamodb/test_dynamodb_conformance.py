@@ -44,7 +44,7 @@ class TestDynamoDBStore(StoreSuite):
 class TestAsyncDynamoDBStore(AsyncStoreSuite):
     @pytest.fixture
     def store_url(self, server: Server) -> str:
-        return server.url(skew=0)
+        return server.url(skew_allowance=0)
 
     @pytest.mark.xfail(
         strict=True,

@@ -43,6 +43,19 @@ def configure() -> None:
     """Configure Django in this process (the tests' own) from this module's settings."""
     from django.conf import settings
 
+    if settings.configured and getattr(settings, "ROOT_URLCONF", None) != ROOT_URLCONF:
+        # Configured before by another user of this pytest process (the documentation's
+        # Django page runs in process, with no database): start Django's settings and
+        # database connections over with ours.
+        from django.db import connections
+        from django.utils.connection import Local  # type: ignore[attr-defined]
+        from django.utils.functional import empty
+
+        connections.close_all()
+        connections.__dict__.pop("settings", None)
+        connections._settings = None
+        connections._connections = Local(connections.thread_critical)
+        settings._wrapped = empty
     if not settings.configured:
         settings.configure(
             SECRET_KEY=SECRET_KEY,

@@ -53,7 +53,9 @@ def test_shutdown_closes_the_servers_store_after_the_apps_shutdown(tracked: Trac
     app = app_with_lifespan(idem, log)
     for run in range(2):  # a lifespan per test case: closed is not finished
         with TestClient(app) as client:
-            response = client.post("/orders", headers={"Idempotency-Key": "abc"})
+            response = client.post(
+                "/orders", headers={"Idempotency-Key": "abc", "Authorization": "Bearer t"}
+            )
             assert response.status_code == 200
             assert len(tracked.opened) == run + 1
             assert tracked.closed == tracked.opened[:run]
@@ -73,7 +75,12 @@ def test_close_on_shutdown_can_be_turned_off(tracked: Tracked) -> None:
 
     app.add_middleware(IdempotencyMiddleware, idem=idem, close_on_shutdown=False)
     with TestClient(app) as client:
-        assert client.post("/orders", headers={"Idempotency-Key": "k"}).status_code == 200
+        assert (
+            client.post(
+                "/orders", headers={"Idempotency-Key": "k", "Authorization": "Bearer t"}
+            ).status_code
+            == 200
+        )
     assert len(tracked.opened) == 1 and tracked.closed == []
 
 

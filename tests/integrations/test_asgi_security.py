@@ -242,7 +242,7 @@ async def test_cookie_names_and_credential_headers_are_configurable(midem: Idemp
 
 
 @pytest.mark.parametrize("store_url", ["dynamodb"], indirect=True)
-async def test_a_response_the_store_refuses_is_sent_and_its_key_released(
+async def test_a_response_the_store_refuses_is_sent_and_never_run_again(
     aidem: Idempotency,
 ) -> None:
     """Over DynamoDB's 400 KB item limit: on main the client got its 201 and then
@@ -256,5 +256,8 @@ async def test_a_response_the_store_refuses_is_sent_and_its_key_released(
     assert first.status_code == 201
     assert len(first.content) > 500_000
     assert first.headers["set-cookie"]  # the response as the app sent it
-    assert "idempotent-replayed" not in again.headers  # the key was released: ran again
-    assert runs.n == 2
+    # Recorded as not stored: the retry learns why, and the app never runs twice.
+    assert again.status_code == 500
+    assert again.headers["content-type"] == "application/problem+json"
+    assert "response_not_stored" in again.text
+    assert runs.n == 1
