@@ -46,13 +46,6 @@ class TestAsyncDynamoDBStore(AsyncStoreSuite):
     def store_url(self, server: Server) -> str:
         return server.url(skew_allowance=0)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a dropped store warns until the dynamodb branch lands: then remove this override",
-    )
-    def test_stores_of_closed_loops_are_dropped_quietly(self, store_url: str, key: str) -> None:
-        super().test_stores_of_closed_loops_are_dropped_quietly(store_url, key)
-
     @pytest.fixture
     def advance(self, clock: ManualClock) -> Callable[[float], None]:
         return clock.advance

@@ -28,13 +28,6 @@ class TestAsyncRedisStore(AsyncStoreSuite):
     def store_url(self, redis_url: str) -> str:
         return redis_url
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a dropped store warns until the redis branch lands: then remove this override",
-    )
-    def test_stores_of_closed_loops_are_dropped_quietly(self, store_url: str, key: str) -> None:
-        super().test_stores_of_closed_loops_are_dropped_quietly(store_url, key)
-
     @pytest.fixture
     async def astore(self, redis_url: str) -> AsyncIterator[Any]:
         store = open_async_store(redis_url)
@@ -58,13 +51,6 @@ class TestAsyncRedisClusterStore(AsyncStoreSuite):
     @pytest.fixture
     def store_url(self, cluster_url: str) -> str:
         return cluster_url
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a dropped store warns until the redis branch lands: then remove this override",
-    )
-    def test_stores_of_closed_loops_are_dropped_quietly(self, store_url: str, key: str) -> None:
-        super().test_stores_of_closed_loops_are_dropped_quietly(store_url, key)
 
     @pytest.fixture
     async def astore(self, cluster_url: str) -> AsyncIterator[Any]:

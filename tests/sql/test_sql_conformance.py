@@ -30,13 +30,6 @@ class TestAsyncSQLStore(AsyncStoreSuite):
     def store_url(self, db_url: str) -> str:
         return db_url
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a dropped store warns until the sql branch lands: then remove this override",
-    )
-    def test_stores_of_closed_loops_are_dropped_quietly(self, store_url: str, key: str) -> None:
-        super().test_stores_of_closed_loops_are_dropped_quietly(store_url, key)
-
     @pytest.fixture
     async def astore(self, db: str, db_url: str) -> AsyncIterator[Any]:
         store = open_async_store(db_url)
