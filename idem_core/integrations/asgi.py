@@ -215,7 +215,7 @@ class IdempotencyMiddleware:
             await send_raw(send, answer)
 
     async def _answer(
-        self, scope: Scope, receive: Receive, raw: str, request: HttpRequest, conn: Any
+        self, scope: Scope, receive: Receive, raw: tuple[str, str], request: HttpRequest, conn: Any
     ) -> Problem | None:
         """What to send: a problem, the replay, or the app's response once it is stored."""
         try:

@@ -99,7 +99,9 @@ class _Guard:
         self.idem = idem
         self.policy = HttpPolicy(**options)
 
-    def prepare(self, request: DjangoRequest) -> tuple[str, HttpRequest] | Problem | None:
+    def prepare(
+        self, request: DjangoRequest
+    ) -> tuple[tuple[str, str], HttpRequest] | Problem | None:
         """(raw key, request view), a problem to answer, or None: run unguarded."""
         policy = self.policy
         method = str(request.method or "GET").upper()

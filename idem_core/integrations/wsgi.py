@@ -111,7 +111,9 @@ class IdempotencyMiddleware:
                     answer = self._respond(environ, raw, request, conn)
         return _answer(start_response, answer)
 
-    def _respond(self, environ: Environ, raw: str, request: HttpRequest, conn: Any) -> Problem:
+    def _respond(
+        self, environ: Environ, raw: tuple[str, str], request: HttpRequest, conn: Any
+    ) -> Problem:
         """What to send: a problem, the replay, or the app's response once it is stored."""
         policy = self.policy
         try:
