@@ -271,7 +271,8 @@ class Idempotency:
     def _options(self, settings: CallSettings, function: str | None = None) -> Options:
         if not settings.keys() <= _CALL_SETTINGS:
             validate.known("claim", settings, _CALL_SETTINGS)
-        cache_errors = settings.get("cache_errors", ())
+        # Checked before the codec is built from it (Options checks the rest).
+        cache_errors = validate.exception_types("cache_errors", settings.get("cache_errors", ()))
         ttl, lease = settings.get("ttl"), settings.get("lease")
         return Options(
             # None means the object's own; 0 is refused by Options, not read as the default
