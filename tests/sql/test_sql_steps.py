@@ -106,3 +106,21 @@ def test_zombie_step_rolls_back_its_transaction(store: Any, app: tuple[Engine, T
     heir.complete("done")
     assert _count(engine, orders, key) == 1
     assert set(store.load_steps(heir.key)) == {"stock", "write"}
+
+
+def test_purge_deletes_the_steps_of_expired_records_only(store: Any) -> None:
+    from idem_core.record import ClaimRequest
+
+    def claim(key: str, life: float) -> Any:
+        return store.claim(ClaimRequest(key, "fp", uuid.uuid4().hex, life, life))
+
+    dead, live = f"dead-{uuid.uuid4().hex}", f"live-{uuid.uuid4().hex}"
+    d, lv = claim(dead, 0.3), claim(live, 60)
+    store.record_step(dead, d.fence, "one", b"\x011", d.record.expires_at)
+    store.record_step(live, lv.fence, "one", b"\x011", lv.record.expires_at)
+    time.sleep(0.6)
+    store.purge_expired()
+    assert store.load_steps(dead) == {}
+    assert set(store.load_steps(live)) == {"one"}
+    store.delete(live)
+    assert store.load_steps(live) == {}  # deleted with its record
