@@ -21,6 +21,7 @@ from .events import Event, EventKind
 from .record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, Record, Status
 from .registry import open_async_store, open_store, register
 from .results import ResultTypeWarning
+from .steps import current_acall, current_call
 from .store import AsyncStore, Backend, Store
 
 __version__ = "0.1.0"
@@ -55,6 +56,8 @@ __all__ = [
     "Status",
     "Store",
     "StoreUnavailable",
+    "current_acall",
+    "current_call",
     "open_async_store",
     "open_store",
     "register",

@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
 
+from . import steps as _steps
 from . import validate
 from .arguments import Binder, extractor
 from .call import AsyncCall, Call, Options
@@ -508,11 +509,14 @@ class Idempotency:
                 await call.enter()
                 if call.replayed:
                     return call.result
+                token = _steps.enter(call)  # current_acall(): steps inside the function
                 try:
                     value = await afunc(*args, **kwargs)
                 except BaseException as exc:
                     await call._abort(exc)  # never raises in place of exc
                     raise
+                finally:
+                    _steps.leave(token)
                 await call._finish(value, None)
                 return value
 
@@ -543,11 +547,14 @@ class Idempotency:
             call.enter(first)
             if call.replayed:
                 return call.result
+            token = _steps.enter(call)  # current_call(): steps inside the function
             try:
                 value = func(*args, **kwargs)
             except BaseException as exc:
                 call._abort(exc)  # never raises in place of exc
                 raise
+            finally:
+                _steps.leave(token)
             call._finish(value, None)
             return value
 

@@ -60,6 +60,8 @@ class MemoryStore:
         self._last_fence = 0
         #: keys whose call ended (completed or released), oldest first: eviction candidates
         self._ended: OrderedDict[str, None] = OrderedDict()
+        #: key -> step name -> (until, data); see :mod:`idem_core.steps`
+        self._steps: dict[str, dict[str, tuple[int, bytes]]] = {}
         _process.reset_in_child(self)
 
     def _after_fork_in_child(self) -> None:
@@ -80,6 +82,7 @@ class MemoryStore:
         if oldest.expires_at <= now and oldest is not record:
             del records[oldest.key]
             self._ended.pop(oldest.key, None)
+            self._steps.pop(oldest.key, None)
         if self._max_size is not None and len(records) > self._max_size:
             self._evict(now)
 
@@ -92,12 +95,14 @@ class MemoryStore:
             # Checked again: the key may have been claimed anew since its call ended.
             if rec is not None and _evictable(rec, now):
                 del records[key]
+                self._steps.pop(key, None)
                 return
         # No ended call: a record nobody holds any more (lapsed lease, expired) may go, seen
         # among the oldest few only, so a claim stays O(1).
         for key, rec in list(itertools.islice(records.items(), 8)):
             if _evictable(rec, now):
                 del records[key]
+                self._steps.pop(key, None)
                 return
 
     def _live(self, key: str, now: int) -> Record | None:
@@ -181,7 +186,23 @@ class MemoryStore:
         with self._lock:
             self._records.pop(key, None)
             self._ended.pop(key, None)
+            self._steps.pop(key, None)
             self._changed_now()
+
+    def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        """Record step ``name`` of ``key`` for the holder of ``fence`` (see idem_core.steps)."""
+        with self._lock:
+            now = self._clock()
+            if not machine.holds(self._records.get(key), fence, now):
+                machine.after_failed_renew(self._records.get(key), key, fence, now)
+            steps = self._steps.setdefault(key, {})
+            if any(u <= now for u, _ in steps.values()):  # a dead generation's steps
+                steps = self._steps[key] = {n: v for n, v in steps.items() if v[0] > now}
+            steps[name] = (until, bytes(data))
+
+    def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        with self._lock:
+            return dict(self._steps.get(key, ()))
 
     def _changed_now(self) -> None:
         """Called with the lock held after a write that can end a wait."""
@@ -267,6 +288,12 @@ class AsyncMemoryStore:
 
     async def delete(self, key: str) -> None:
         self.sync.delete(key)
+
+    async def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        self.sync.record_step(key, fence, name, data, until)
+
+    async def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return self.sync.load_steps(key)
 
     async def now(self) -> int:
         return self.sync.now()

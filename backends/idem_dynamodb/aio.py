@@ -11,6 +11,7 @@ from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 from idem_core.registry import import_driver
 
+from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
 from .plans import Plan, sleep_seconds
 from .settings import Settings
@@ -183,7 +184,15 @@ class AsyncDynamoDBStore(Shared):
         return await self._run(self.plans.get(key))
 
     async def delete(self, key: str) -> None:
+        await self._run(steps.delete_plan(self.plans, key))
         await self._run(self.plans.delete(key))
+
+    async def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        """Record a step for the holder of ``fence`` (see :mod:`idem_dynamodb.steps`)."""
+        await self._run(steps.record_plan(self.plans, key, fence, name, data, until))
+
+    async def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return await self._run(steps.load_plan(self.plans, key))
 
     async def now(self) -> int:
         return self.plans.clock()

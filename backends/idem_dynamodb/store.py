@@ -12,6 +12,7 @@ from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 from idem_core.registry import import_driver
 
+from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
 from .plans import Plan, sleep_seconds
 from .settings import Settings
@@ -131,7 +132,15 @@ class DynamoDBStore(Shared):
         return self._run(self.plans.get(key))
 
     def delete(self, key: str) -> None:
+        self._run(steps.delete_plan(self.plans, key))
         self._run(self.plans.delete(key))
+
+    def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        """Record a step for the holder of ``fence`` (see :mod:`idem_dynamodb.steps`)."""
+        self._run(steps.record_plan(self.plans, key, fence, name, data, until))
+
+    def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return self._run(steps.load_plan(self.plans, key))
 
     def now(self) -> int:
         return self.plans.clock()

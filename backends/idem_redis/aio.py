@@ -14,7 +14,7 @@ from typing import Any
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 
-from . import clients, common
+from . import clients, common, steps
 from .common import Config, translate
 from .scripts import CLUSTER, STANDALONE, Script, vars_of
 
@@ -306,6 +306,12 @@ class AsyncRedisStore:
 
     async def get(self, key: str) -> Record | None:
         return (await self._read(key))[0]
+
+    async def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        await steps.arecord_step(self, key, fence, name, data, until)
+
+    async def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return await steps.aload_steps(self, key)
 
     async def delete(self, key: str) -> None:
         with translate("delete", self._budget):

@@ -85,7 +85,9 @@ if cur ~= nil then
   fence = math.max(now, num(cur[3]) + 1)
 end
 local e = now + tonumber(ARGV[4])
-if cur ~= nil then redis.call('DEL', key) end
+-- An expired record goes whole; a takeover or a claim after a release keeps the steps
+-- (the ``t:`` fields, see steps.py) so the successor resumes.
+if cur ~= nil and num(cur[5]) <= now then redis.call('DEL', key) end
 redis.call('HSET', key, 's', 'i', 'p', ARGV[1], 'f', fmt(fence),
   'l', fmt(now + tonumber(ARGV[3])), 'e', fmt(e), 'a', ARGV[2], 'c', fmt(now), 'u', fmt(now))
 expire_at(e)

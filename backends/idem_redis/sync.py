@@ -11,7 +11,7 @@ from typing import Any
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 
-from . import clients, common
+from . import clients, common, steps
 from .common import Config, translate
 from .scripts import CLUSTER, STANDALONE, Script
 
@@ -249,6 +249,12 @@ class RedisStore:
 
     def get(self, key: str) -> Record | None:
         return self._read(key)[0]
+
+    def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        steps.record_step(self, key, fence, name, data, until)
+
+    def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return steps.load_steps(self, key)
 
     def delete(self, key: str) -> None:
         with translate("delete", self._budget):

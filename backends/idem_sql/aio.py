@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 
+from . import steps
 from .caches import AsyncConnectionCache, fast_async
 from .common import SETUP, _Common, aexecute_item, run_async, setup_on
 from .lifetimes import abandon
@@ -228,7 +229,15 @@ class AsyncSQLStore(_Common):
         return await self._run(lambda: self._execute(self.sql.get(key)))
 
     async def delete(self, key: str) -> None:
+        await steps.adelete_steps(self, key)
         await self._run(lambda: self._execute(self.sql.delete(key)))
+
+    async def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        """Record a step for the holder of ``fence`` (see :mod:`idem_sql.steps`)."""
+        await steps.arecord_step(self, key, fence, name, data, until)
+
+    async def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return await steps.aload_steps(self, key)
 
     async def now(self) -> int:
         return await self._run(lambda: self._execute(self.sql.now_program()))
@@ -237,7 +246,8 @@ class AsyncSQLStore(_Common):
         """Delete expired records, ``batch`` rows per statement; returns how many."""
         if batch < 1:
             raise ConfigurationError("batch must be at least 1")
-        return await self._run(lambda: self._execute(self.sql.purge(batch)))
+        done = await self._run(lambda: self._execute(self.sql.purge(batch)))
+        return done + await steps.apurge_steps(self, batch)
 
     async def setup(self) -> str:
         """Create the table and its index if missing; says what it did."""
@@ -245,7 +255,9 @@ class AsyncSQLStore(_Common):
         return self._setup_result(existed)
 
     def _setup_on(self, conn: Connection) -> bool:
-        return setup_on(conn, self.table)
+        existed = setup_on(conn, self.table)
+        steps.setup_steps_on(conn, self.sql)
+        return existed
 
     async def diagnostics(self) -> dict[str, object]:
         if self.sql.dialect.name in ("mysql", "mariadb") and self._limit is None:

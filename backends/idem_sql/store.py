@@ -29,6 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 
+from . import steps
 from .caches import ConnectionCache, own
 from .common import SETUP, _Common, execute_item, run_sync, setup_on
 from .ops import SQL, Program
@@ -188,7 +189,15 @@ class SQLStore(_Common):
         return self._run(lambda: self._execute(self.sql.get(key)))
 
     def delete(self, key: str) -> None:
+        steps.delete_steps(self, key)
         self._run(lambda: self._execute(self.sql.delete(key)))
+
+    def record_step(self, key: str, fence: int, name: str, data: bytes, until: int) -> None:
+        """Record a step for the holder of ``fence`` (see :mod:`idem_sql.steps`)."""
+        steps.record_step(self, key, fence, name, data, until)
+
+    def load_steps(self, key: str) -> dict[str, tuple[int, bytes]]:
+        return steps.load_steps(self, key)
 
     def now(self) -> int:
         return self._run(lambda: self._execute(self.sql.now_program()))
@@ -197,7 +206,8 @@ class SQLStore(_Common):
         """Delete expired records, ``batch`` rows per statement; returns how many."""
         if batch < 1:
             raise ConfigurationError("batch must be at least 1")
-        return self._run(lambda: self._execute(self.sql.purge(batch)))
+        done = self._run(lambda: self._execute(self.sql.purge(batch)))
+        return done + steps.purge_steps(self, batch)
 
     def setup(self) -> str:
         """Create the table and its index if missing; says what it did."""
@@ -205,7 +215,9 @@ class SQLStore(_Common):
         return self._setup_result(existed)
 
     def _setup_on(self, conn: Connection) -> bool:
-        return setup_on(conn, self.table)
+        existed = setup_on(conn, self.table)
+        steps.setup_steps_on(conn, self.sql)
+        return existed
 
     def diagnostics(self) -> dict[str, object]:
         if self.sql.dialect.name in ("mysql", "mariadb") and self._limit is None:

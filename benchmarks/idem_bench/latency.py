@@ -2,7 +2,9 @@
 
 Scenarios: ``first`` (claim + run + complete on a new key), ``replay`` (a completed key),
 ``conflict`` (a key another caller holds in progress), ``claim_many`` (a batch of 100 new
-keys) and ``floor`` (the server's one-round-trip primitive on the same client).
+keys), ``steps`` (a first call whose function runs ``rigs.STEPS`` steps: the cost of a step is
+its difference to ``first``) and ``floor`` (the server's one-round-trip primitive on the same
+client).
 Sync cells run on threads, async cells on tasks of one event loop.
 """
 
@@ -22,7 +24,7 @@ from hdrh.histogram import HdrHistogram
 from . import rigs
 from .rigs import AsyncRig, SyncRig
 
-SCENARIOS = ("first", "replay", "conflict", "claim_many", "floor")
+SCENARIOS = ("first", "replay", "conflict", "claim_many", "steps", "floor")
 BATCH = 100
 REPLAY_POOL = 100
 COUNT_OPS = 10
@@ -167,6 +169,9 @@ def _sync_ops(rig: SyncRig, tag: str) -> dict[str, Callable[[int], Any]]:
     if rig.claim_many is not None:
         cm = rig.claim_many
         ops["claim_many"] = lambda i: cm([f"{tag}m{i}-{j}" for j in range(BATCH)])
+    if rig.stepped is not None:
+        stepped = rig.stepped
+        ops["steps"] = lambda i: stepped(f"{tag}s{i}")
     if rig.floor is not None:
         floor = rig.floor
         ops["floor"] = lambda i: floor()
@@ -308,6 +313,9 @@ def _async_ops(rig: AsyncRig, tag: str) -> dict[str, Callable[[int], Awaitable[A
     if rig.claim_many is not None:
         cm = rig.claim_many
         ops["claim_many"] = lambda i: cm([f"{tag}m{i}-{j}" for j in range(BATCH)])
+    if rig.stepped is not None:
+        astepped = rig.stepped
+        ops["steps"] = lambda i: astepped(f"{tag}s{i}")
     if rig.floor is not None:
         floor = rig.floor
         ops["floor"] = lambda i: floor()

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-LAT_SCENARIOS = ("first", "replay", "conflict", "claim_many")
+LAT_SCENARIOS = ("first", "replay", "conflict", "claim_many", "steps")
 
 
 def _p50(section: dict[str, Any], scenario: str, c: str = "1") -> float | None:
@@ -60,6 +60,39 @@ def ratios(results: dict[str, Any]) -> None:
                 and m > 0
             }
             s["compared_with"] = f"idem-core {mine['mode']}" if mine else None
+        cost = step_cost(s)
+        if cost is not None:
+            s["step_cost"] = cost
+
+
+def step_cost(section: dict[str, Any]) -> dict[str, Any] | None:
+    """What one step adds to a call: the ``steps`` call (``STEPS`` steps) minus ``first``,
+    per step, in p50 µs, as a multiple of the floor, and in round trips and store operations
+    (the call's one read of recorded steps included, spread over its steps)."""
+    from .rigs import STEPS
+
+    first, steps = _p50(section, "first"), _p50(section, "steps")
+    if first is None or steps is None:
+        return None
+    floor = section.get("floor_p50_us")
+    per = (steps - first) / STEPS
+    counts = section.get("round_trips", {})
+
+    def per_step(what: str) -> float | None:
+        a, b = counts.get("first"), counts.get("steps")
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            return None
+        if a.get(what) is None or b.get(what) is None:
+            return None
+        return round((float(b[what]) - float(a[what])) / STEPS, 2)
+
+    return {
+        "steps_per_call": STEPS,
+        "p50_us": round(per, 2),
+        "to_floor": round(per / floor, 2) if floor else None,
+        "round_trips": per_step("round_trips"),
+        "store_ops": per_step("store_ops"),
+    }
 
 
 def summary(results: dict[str, Any], console: Console) -> None:
@@ -271,6 +304,23 @@ def markdown(results: dict[str, Any], plots: list[str], images: str = "", level:
             lines.append(
                 f"| {s['target']} | {s['system']} | {s['mode']} | {s.get('compared_with')} "
                 f"| {t.get('first', '-')} | {t.get('replay', '-')} | {t.get('conflict', '-')} |"
+            )
+    costs = [s for s in results["latency"] if s.get("step_cost")]
+    if costs:
+        lines += ["", f"{h2} Steps: the cost of one step (p50 µs, concurrency 1)", ""]
+        lines.append(
+            "A call running steps minus the same call without, per step; round trips and "
+            "store operations per step include the call's one read of its recorded steps."
+        )
+        lines += ["", "| target | mode | floor | step | step/floor | RT per step | ops per step |"]
+        lines.append("|---|---|---|---|---|---|---|")
+        for s in costs:
+            c = s["step_cost"]
+            lines.append(
+                f"| {s['target']} | {s['mode']} | {_fmt(s.get('floor_p50_us'))} "
+                f"| {_fmt(c['p50_us'])} | {c['to_floor'] if c['to_floor'] is not None else '-'} "
+                f"| {c['round_trips'] if c['round_trips'] is not None else '-'} "
+                f"| {c['store_ops'] if c['store_ops'] is not None else '-'} |"
             )
     if results.get("overhead"):
         lines += ["", f"{h2} Core overhead on memory:// (µs per call over the bare function)", ""]

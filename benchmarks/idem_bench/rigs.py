@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
-from idem_core import AlreadyInProgress, Idempotency
+from idem_core import AlreadyInProgress, Idempotency, current_acall, current_call
 
 from .targets import REGION, Target, with_params
 
@@ -31,6 +31,8 @@ AHOLD: dict[str, asyncio.Event] = {}
 
 TTL = 900.0
 LEASE = 30.0
+#: steps of the ``steps`` scenario's function (each returns a small dict)
+STEPS = 4
 
 
 def charge(order_id: str, amount: int) -> dict[str, Any]:
@@ -72,7 +74,19 @@ class StoreOps:
 
 
 class _Proxy:
-    _OPS = frozenset({"claim", "claim_many", "complete", "release", "renew", "get", "delete"})
+    _OPS = frozenset(
+        {
+            "claim",
+            "claim_many",
+            "complete",
+            "release",
+            "renew",
+            "get",
+            "delete",
+            "record_step",
+            "load_steps",
+        }
+    )
 
     def __init__(self, store: Any, ops: StoreOps) -> None:
         self._store = store
@@ -102,6 +116,8 @@ class SyncRig:
     round_trips: Counter | None = None
     store_ops: StoreOps | None = None
     closers: list[Callable[[], Any]] = dataclasses.field(default_factory=list)
+    #: a first call whose function runs ``STEPS`` steps (idem-core only)
+    stepped: Callable[[str], Any] | None = None
 
     def close(self) -> None:
         for close in reversed(self.closers):
@@ -120,6 +136,7 @@ class AsyncRig:
     round_trips: Counter | None = None
     store_ops: StoreOps | None = None
     closers: list[Callable[[], Any]] = dataclasses.field(default_factory=list)
+    stepped: Callable[[str], Awaitable[Any]] | None = None
 
     async def close(self) -> None:
         for close in reversed(self.closers):
@@ -290,6 +307,12 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
     def claim_many(keys: Sequence[str]) -> Any:
         return idem.claim_many([(k, 1) for k in keys])
 
+    def charge_in_steps(order_id: str, amount: int) -> Any:
+        step = current_call().step
+        return [step(f"s{i}", lambda: charge(order_id, amount)) for i in range(STEPS)]
+
+    sfn = idem.idempotent(key="order_id", scope=f"steps{tag}")(charge_in_steps)
+
     return SyncRig(
         "idem-core",
         call,
@@ -300,6 +323,7 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         rts,
         ops,
         closers,
+        lambda key: sfn(key, 1),
     )
 
 
@@ -342,6 +366,7 @@ def _dbapi_floor(engine: Any) -> tuple[Callable[[], Any], Callable[[], None]]:
 def _drop(engine: Any, table: str) -> None:
     with engine.connect() as conn:
         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}")
+        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table}_steps")  # see idem_sql.steps
         if conn.in_transaction():
             conn.commit()
 
@@ -410,6 +435,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
                 async def adrop() -> None:
                     async with engine.connect() as conn:
                         await conn.exec_driver_sql(f"DROP TABLE IF EXISTS idem_bench_{tag}")
+                        await conn.exec_driver_sql(f"DROP TABLE IF EXISTS idem_bench_{tag}_steps")
                         if conn.in_transaction():
                             await conn.commit()
 
@@ -422,6 +448,15 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
     async def claim_many(keys: Sequence[str]) -> Any:
         return await idem.aclaim_many([(k, 1) for k in keys])
 
+    async def acharge_in_steps(order_id: str, amount: int) -> Any:
+        astep = current_acall().astep
+        return [await astep(f"s{i}", lambda: acharge(order_id, amount)) for i in range(STEPS)]
+
+    sfn = idem.idempotent(key="order_id", scope=f"asteps{tag}")(acharge_in_steps)
+
+    async def stepped(key: str) -> Any:
+        return await sfn(key, 1)
+
     return AsyncRig(
         "idem-core",
         call,
@@ -432,6 +467,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         rts,
         ops,
         closers,
+        stepped,
     )
 
 

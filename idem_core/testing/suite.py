@@ -27,6 +27,7 @@ from ..record import ClaimOutcome
 from .faults import AsyncFaultyStore, FaultyStore
 from .race import process_race, task_race, thread_race
 from .scenarios import SCENARIOS, AsyncView, Scenario, _faults
+from .step_scenarios import STEP_SCENARIOS
 
 
 def _exactly_one(outcomes: list[ClaimOutcome]) -> None:
@@ -204,7 +205,7 @@ def _async_test(fn: Scenario) -> Callable[..., Any]:
     return test
 
 
-for _name, _fn in SCENARIOS.items():
+for _name, _fn in {**SCENARIOS, **STEP_SCENARIOS}.items():
     for _cls, _make in ((StoreSuite, _sync_test), (AsyncStoreSuite, _async_test)):
         _test = _make(_fn)
         _test.__name__ = f"test_{_name}"

@@ -24,7 +24,7 @@ QUICK = latency.Settings(
 
 
 def _check_cells(scenarios: dict[str, Any]) -> None:
-    assert set(scenarios) == {"first", "replay", "conflict", "claim_many"}
+    assert set(scenarios) == {"first", "replay", "conflict", "claim_many", "steps"}
     for cells in scenarios.values():
         assert set(cells) == {"1", "4"}
         for cell in cells.values():
@@ -52,6 +52,8 @@ def test_sync_section_on_memory_is_well_formed() -> None:
     assert counts["replay"]["store_ops"] == 1
     assert counts["conflict"]["store_ops"] == 1
     assert counts["claim_many"]["store_ops"] == 1
+    # claim, one read of the recorded steps, a record per step, complete
+    assert counts["steps"]["store_ops"] == 3 + rigs.STEPS
 
 
 def test_async_section_on_memory_is_well_formed() -> None:
@@ -67,6 +69,7 @@ def test_async_section_on_memory_is_well_formed() -> None:
     _check_cells(scenarios)
     assert counts["first"]["store_ops"] == 2
     assert counts["replay"]["store_ops"] == 1
+    assert counts["steps"]["store_ops"] == 3 + rigs.STEPS
 
 
 def test_cli_writes_results_report_and_plots(tmp_path: Path) -> None:

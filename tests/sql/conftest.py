@@ -62,6 +62,7 @@ def _drop(url: str, table: str) -> None:
     try:
         with engine.begin() as conn:
             conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}_steps"))  # see idem_sql.steps
     finally:
         engine.dispose()
 
