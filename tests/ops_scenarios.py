@@ -119,38 +119,42 @@ def api_scenario(store: Any) -> None:
 
 
 def bulk_scenario(
-    url: str, store: Any, load: Loader, capsys: pytest.CaptureFixture[str], head: str
+    url: str,
+    store: Any,
+    load: Loader,
+    capsys: pytest.CaptureFixture[str],
+    head: str,
+    page: int = 250,
 ) -> None:
     """10,000 records: ``ls`` (filters, limit, JSON, streaming by page), ``stuck``,
     ``inspect``, ``release`` and ``forget`` through the command line."""
     now = store.now()
     load(bulk_records(head, now))
 
-    # The scan holds at most one page: 10,000 records come in pages of <= 250.
-    pages = [len(p) for p in store.scan(ScanFilter(prefix=head), 250)]
-    assert max(pages) <= 250 and len(pages) >= TOTAL // 250
-    seen = sum(1 for p in store.scan(ScanFilter(prefix=head), 250) for r in p)
-    assert seen == TOTAL
+    # The scan holds at most one page: 10,000 records come in pages of at most ``page``.
+    pages = [len(p) for p in store.scan(ScanFilter(prefix=head), page)]
+    assert max(pages) <= page and len(pages) >= TOTAL // page and sum(pages) == TOTAL
 
-    code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--json", "--page-size", "400")
+    size = ("--page-size", str(page))
+    code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--json", *size)
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == TOTAL and len({r["key"] for r in rows}) == TOTAL
-    code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--status", "completed")
+    code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--status", "completed", *size)
     assert code == 0 and len(out.splitlines()) == N_COMPLETED
     code, out, _ = cli(
-        capsys, "ls", url, "--prefix", head, "--status", "in_progress", "--older-than", "1h"
+        capsys, "ls", url, "--prefix", head, "--status", "in_progress", "--older-than", "1h", *size
     )
     assert code == 0 and out == ""
-    code, out, _ = cli(capsys, "ls", url, "--prefix", f"{head}s", "--older-than", "1m")
+    code, out, _ = cli(capsys, "ls", url, "--prefix", f"{head}s", "--older-than", "1m", *size)
     assert code == 0 and len(out.splitlines()) == N_STUCK
     code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--limit", "7")
     assert code == 0 and len(out.splitlines()) == 7
 
-    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "5", "--json")
+    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "5", "--json", *size)
     stuck = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [r["key"] for r in stuck] == [f"{head}s{i:05d}" for i in range(5)]
     assert all(r["lease"] == "lapsed" for r in stuck)
-    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "20000")
+    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "20000", *size)
     assert code == 0 and len(out.splitlines()) == N_STUCK
 
     first = f"{head}s00000"
@@ -160,7 +164,7 @@ def bulk_scenario(
     assert code == 2 and "live lease" in err and err.count("\n") == 1 and not out
     code, out, _ = cli(capsys, "release", url, first)
     assert code == 0 and "released" in out
-    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "1", "--json")
+    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "1", "--json", *size)
     assert json.loads(out)["key"] == f"{head}s00001"
     live = store.get(f"{head}l00001")
     code, out, _ = cli(capsys, "release", url, live.key, "--fence", str(live.fence), "--json")
