@@ -178,3 +178,53 @@ def test_operator_events_reach_opentelemetry(mem_url: str) -> None:
                 for point in m["data"].get("data_points", []):
                     kinds.add(point["attributes"].get("idem.event"))
     assert {"released_by_operator", "forgotten", "claimed"} <= kinds
+
+
+def test_ls_prints_before_the_second_page_is_read(
+    mem_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``idem ls`` streams: its first line is written while the store has handed out one
+    page of 100 records, not the 10,000 it holds."""
+    import argparse
+
+    from ops_scenarios import bulk_records
+
+    from idem_core import cli_ops
+
+    store = open_store(mem_url)
+    _memory_loader(store)(bulk_records("s:", store.now()))
+    pages: list[int] = []
+    real_scan = store.scan
+
+    def counting_scan(where: Any, page_size: int) -> Any:
+        for page in real_scan(where, page_size):
+            pages.append(len(page))
+            yield page
+
+    store.scan = counting_scan  # type: ignore[method-assign]
+
+    class Out:
+        first_write_after: list[int] = []
+
+        def write(self, text: str) -> None:
+            if not self.first_write_after:
+                self.first_write_after.append(len(pages))
+
+        def flush(self) -> None:
+            pass
+
+    args = argparse.Namespace(
+        command="ls",
+        url=mem_url,
+        status=None,
+        older_than=None,
+        created_before=None,
+        prefix="s:",
+        limit=None,
+        page_size=100,
+        json=True,
+    )
+    out = Out()
+    assert cli_ops.run(args, out=out) == 0
+    assert out.first_write_after == [1]
+    assert len(pages) == 100 and max(pages) == 100
