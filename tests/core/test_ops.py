@@ -204,7 +204,8 @@ def test_ls_prints_before_the_second_page_is_read(
     store.scan = counting_scan  # type: ignore[method-assign]
 
     class Out:
-        first_write_after: list[int] = []
+        def __init__(self) -> None:
+            self.first_write_after: list[int] = []
 
         def write(self, text: str) -> None:
             if not self.first_write_after:
