@@ -98,3 +98,26 @@ def test_prefix_with_glob_characters_is_literal(store: Any) -> None:
 
 def test_errors(ops_url: str, store: Any, capsys: pytest.CaptureFixture[str]) -> None:
     errors_scenario(ops_url, capsys)
+
+
+@pytest.mark.parametrize("command", ["ls", "stuck", "inspect"])
+def test_frozen_server_is_one_line_within_the_budget(
+    redis_url: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that stops answering mid-way: ``idem ls``/``stuck``/``inspect`` end with
+    one StoreUnavailable line within the store's budget ((retries + 1) x timeout = 2 s)."""
+    import time
+
+    from fault_proxy import FaultProxy
+    from ops_scenarios import cli
+
+    with FaultProxy("127.0.0.1", 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0?timeout=1&connect_timeout=1&retries=1"
+        url += f"&prefix=idemops:{uuid.uuid4().hex[:8]}:"
+        proxy.blackhole()
+        argv = [command, url] + (["k"] if command == "inspect" else [])
+        t0 = time.monotonic()
+        code, out, err = cli(capsys, *argv)
+        took = time.monotonic() - t0
+    assert code == 2 and "StoreUnavailable" in err and err.count("\n") == 1 and not out
+    assert took < 4.0, took
