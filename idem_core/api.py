@@ -592,6 +592,24 @@ class Idempotency:
 
         return release(self.store, key, fence, self._emit)
 
+    async def ainspect(self, key: str, result_type: Any = None) -> Any:
+        """The asyncio twin of :meth:`inspect` (on the running loop's async store)."""
+        from .operate import ainspect
+
+        return await ainspect(self.astore, key, result_type)
+
+    async def aforget(self, key: str) -> bool:
+        """The asyncio twin of :meth:`forget`."""
+        from .operate import aforget
+
+        return await aforget(self.astore, key, self._emit)
+
+    async def arelease(self, key: str, *, fence: int | None = None) -> Any:
+        """The asyncio twin of :meth:`release`."""
+        from .operate import arelease
+
+        return await arelease(self.astore, key, fence, self._emit)
+
     # -- integrations (thin delegations to idem_core.integrations) -------------------------
 
     def lambda_handler(self, fn: Callable[..., Any] | None = None, **options: Any) -> Any:

@@ -18,7 +18,7 @@ from .errors import ConfigurationError, IdempotencyError
 from .events import Emitter, EventKind
 from .record import MICROS, RELEASED, Record, Status
 from .scanning import DEFAULT_PAGE, ScanFilter
-from .store import Store
+from .store import AsyncStore, Store
 
 
 class RecordNotFound(IdempotencyError, LookupError):
@@ -102,10 +102,7 @@ def describe(rec: Record, now: int, result: Any = None) -> RecordInfo:
     )
 
 
-def inspect(store: Store, key: str, result_type: Any = None) -> RecordInfo:
-    """The live record under ``key`` (``RecordNotFound`` if none); its result decoded as
-    ``result_type`` when given, raw bytes otherwise."""
-    rec = store.get(key)
+def _info(key: str, rec: Record | None, now: int, result_type: Any) -> RecordInfo:
     if rec is None:
         raise RecordNotFound(f"no record under key {key!r}")
     result: Any = rec.result
@@ -113,7 +110,43 @@ def inspect(store: Store, key: str, result_type: Any = None) -> RecordInfo:
         from .codec import ResultCodec
 
         result = ResultCodec(result_type).decode(result, key)
-    return describe(rec, store.now(), result)
+    return describe(rec, now, result)
+
+
+def _fence_to_release(key: str, rec: Record | None, now: int, fence: int | None) -> int:
+    """The fence ``release`` may release, or why not (the rule of :func:`release`)."""
+    if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
+        raise ConfigurationError(f"fence must be an int, got {fence!r}")
+    if rec is None:
+        raise RecordNotFound(f"no record under key {key!r}")
+    state = lease_state(rec, now)
+    if state is None:
+        raise ReleaseRefused(
+            f"{key!r} is completed (fence {rec.fence}): there is no claim to release; "
+            "forget the key to make the next call run again"
+        )
+    if state == "released":
+        raise ReleaseRefused(f"{key!r} is already released (fence {rec.fence})")
+    if fence is None:
+        if state == "live":
+            left = (rec.lease_expires_at - now) / MICROS
+            raise ReleaseRefused(
+                f"{key!r} is held by a live lease (fence {rec.fence}, {left:.1f} s left): "
+                f"name the fence to release it anyway (--fence {rec.fence})"
+            )
+        return rec.fence
+    if fence != rec.fence:
+        raise ReleaseRefused(
+            f"{key!r} is held with fence {rec.fence}, not {fence}: nothing released"
+        )
+    return fence
+
+
+def inspect(store: Store, key: str, result_type: Any = None) -> RecordInfo:
+    """The live record under ``key`` (``RecordNotFound`` if none); its result decoded as
+    ``result_type`` when given, raw bytes otherwise."""
+    rec = store.get(key)
+    return _info(key, rec, store.now(), result_type)
 
 
 def forget(store: Store, key: str, emit: Emitter | None = None) -> bool:
@@ -134,37 +167,41 @@ def release(
     Without ``fence`` only a lapsed lease is released; a live one needs its fence named
     (``idem inspect`` shows it), so a running call is never cut off by accident. The store
     releases only if the fence is still the current one (``LeaseLost`` otherwise)."""
-    if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
-        raise ConfigurationError(f"fence must be an int, got {fence!r}")
     rec = store.get(key)
-    if rec is None:
-        raise RecordNotFound(f"no record under key {key!r}")
-    now = store.now()
-    state = lease_state(rec, now)
-    if state is None:
-        raise ReleaseRefused(
-            f"{key!r} is completed (fence {rec.fence}): there is no claim to release; "
-            "forget the key to make the next call run again"
-        )
-    if state == "released":
-        raise ReleaseRefused(f"{key!r} is already released (fence {rec.fence})")
-    if fence is None:
-        if state == "live":
-            left = (rec.lease_expires_at - now) / MICROS
-            raise ReleaseRefused(
-                f"{key!r} is held by a live lease (fence {rec.fence}, {left:.1f} s left): "
-                f"name the fence to release it anyway (--fence {rec.fence})"
-            )
-        fence = rec.fence
-    elif fence != rec.fence:
-        raise ReleaseRefused(
-            f"{key!r} is held with fence {rec.fence}, not {fence}: nothing released"
-        )
+    fence = _fence_to_release(key, rec, store.now(), fence)
     store.release(key, fence)
     if emit is not None:
         emit(EventKind.RELEASED_BY_OPERATOR, key, "operator", fence)
     after = store.get(key)
-    return describe(after if after is not None else rec, store.now())
+    return _info(key, after or rec, store.now(), None)
+
+
+# The asyncio twins: the same decisions (``_info``, ``_fence_to_release``), awaited I/O.
+
+
+async def ainspect(store: AsyncStore, key: str, result_type: Any = None) -> RecordInfo:
+    rec = await store.get(key)
+    return _info(key, rec, await store.now(), result_type)
+
+
+async def aforget(store: AsyncStore, key: str, emit: Emitter | None = None) -> bool:
+    existed = await store.get(key) is not None
+    await store.delete(key)
+    if emit is not None:
+        emit(EventKind.FORGOTTEN, key, "operator")
+    return existed
+
+
+async def arelease(
+    store: AsyncStore, key: str, fence: int | None = None, emit: Emitter | None = None
+) -> RecordInfo:
+    rec = await store.get(key)
+    fence = _fence_to_release(key, rec, await store.now(), fence)
+    await store.release(key, fence)
+    if emit is not None:
+        emit(EventKind.RELEASED_BY_OPERATOR, key, "operator", fence)
+    after = await store.get(key)
+    return _info(key, after or rec, await store.now(), None)
 
 
 def scanner(store: Any) -> Any:

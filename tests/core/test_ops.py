@@ -229,3 +229,11 @@ def test_ls_prints_before_the_second_page_is_read(
     assert cli_ops.run(args, out=out) == 0
     assert out.first_write_after == [1]
     assert len(pages) == 100 and max(pages) == 100
+
+
+def test_async_api_on_memory(mem_url: str) -> None:
+    import asyncio
+
+    from ops_scenarios import async_api_scenario
+
+    asyncio.run(async_api_scenario(Idempotency.from_url(mem_url, namespace="aops")))

@@ -121,3 +121,20 @@ def test_frozen_server_is_one_line_within_the_budget(
         took = time.monotonic() - t0
     assert code == 2 and "StoreUnavailable" in err and err.count("\n") == 1 and not out
     assert took < 4.0, took
+
+
+def test_async_api(ops_url: str) -> None:
+    import asyncio
+
+    from ops_scenarios import async_api_scenario
+
+    from idem_core import Idempotency
+
+    async def main() -> None:
+        idem = Idempotency.from_url(ops_url, namespace="aops")
+        try:
+            await async_api_scenario(idem)
+        finally:
+            await idem.aclose()
+
+    asyncio.run(main())

@@ -94,3 +94,20 @@ def test_server_down_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["ls", url], ["stuck", url], ["inspect", url, "k"], ["forget", url, "k"]):
         code, _out, err = cli(capsys, *argv)
         assert code == 2 and "StoreUnavailable" in err and err.count("\n") == 1, err
+
+
+def test_async_api(ops_url: str, store: Any) -> None:
+    import asyncio
+
+    from ops_scenarios import async_api_scenario
+
+    from idem_core import Idempotency
+
+    async def main() -> None:
+        idem = Idempotency.from_url(ops_url, namespace=f"aops{uuid.uuid4().hex[:6]}")
+        try:
+            await async_api_scenario(idem)
+        finally:
+            await idem.aclose()
+
+    asyncio.run(main())
