@@ -8,7 +8,7 @@ import inspect
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
 
 from . import validate
@@ -560,10 +560,30 @@ class Idempotency:
 
         return key_of(self, self._key_limit(), func, args, kwargs)
 
-    def http_key(self, key: str, identity: str) -> str:
-        """The stored key of an HTTP request with ``Idempotency-Key: key`` from the caller
-        ``identity`` (what the middleware's ``identify`` returned for it)."""
-        return self.key_for((identity, key), scope="http")
+    def http_key(
+        self,
+        key: str,
+        *,
+        identity: Any = None,
+        credentials: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        anonymous: bool = False,
+    ) -> str:
+        """The stored key of an HTTP request carrying ``Idempotency-Key: key``, as the HTTP
+        middleware (ASGI, WSGI, FastAPI, Django) computes it: ``identity`` is what its
+        ``identify`` returned for the caller; without one, ``credentials`` are the request's
+        credentials as the middleware reads them (``{"authorization": "Bearer ..."}``,
+        ``"cookie:NAME"`` for a session cookie); ``anonymous`` for a middleware that allows
+        requests with neither."""
+        from .integrations.http import stored_identity
+
+        pairs = list(credentials.items() if isinstance(credentials, Mapping) else credentials or [])
+        found = stored_identity(identity, pairs, anonymous)
+        if found is None:
+            raise ConfigurationError(
+                "give identity=, credentials= or anonymous=True: the middleware refuses a "
+                "request without any"
+            )
+        return self.key_for((found, key), scope="http")
 
     def _key_limit(self) -> int:
         store = self._stores.any_store()
