@@ -156,9 +156,12 @@ def _ls(store: Any, args: argparse.Namespace, out: Any, err: Any) -> int:
         ),
         alive_at=now,
     )
-    for rec in scan(store, where, args.limit, args.page_size):
+    # Flushed once a page has been printed (and at the end), not per line.
+    for count, rec in enumerate(scan(store, where, args.limit, args.page_size), 1):
         _print_record(rec, now, args.json, out)
-        out.flush()
+        if count % args.page_size == 0:
+            out.flush()
+    out.flush()
     return 0
 
 
