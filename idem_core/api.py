@@ -8,7 +8,7 @@ import inspect
 import itertools
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypedDict, TypeVar, Unpack, cast
 
 from . import steps as _steps
@@ -520,6 +520,8 @@ class Idempotency:
                 await call._finish(value, None)
                 return value
 
+            awrapper.__idem_prepare__ = prepare  # type: ignore[attr-defined]
+            awrapper.__idem_owner__ = self  # type: ignore[attr-defined]
             return cast(Callable[P, R], awrapper)
 
         @functools.wraps(func)
@@ -558,7 +560,92 @@ class Idempotency:
             call._finish(value, None)
             return value
 
+        # The decorator's own key code, for Idempotency.key_of (idem_core.operate).
+        wrapper.__idem_prepare__ = prepare  # type: ignore[attr-defined]
+        wrapper.__idem_owner__ = self  # type: ignore[attr-defined]
         return cast(Callable[P, R], wrapper)
+
+    # -- operators' tools (idem_core.operate) ----------------------------------------------
+
+    def key_of(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> str:
+        """The stored key of ``func(*args, **kwargs)``: ``func`` decorated by
+        :meth:`idempotent` (computed by the decorator's own code), or a handler made by
+        :meth:`lambda_handler`, :meth:`batch_handler` (give one record) or :meth:`consumer`
+        (give the event or message). For ``claim`` use :meth:`key_for` with the scope; for
+        the HTTP middleware, :meth:`http_key`."""
+        from .operate import key_of
+
+        return key_of(self, self._key_limit(), func, args, kwargs)
+
+    def http_key(
+        self,
+        key: str,
+        *,
+        identity: Any = None,
+        credentials: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        anonymous: bool = False,
+    ) -> str:
+        """The stored key of an HTTP request carrying ``Idempotency-Key: key``, as the HTTP
+        middleware (ASGI, WSGI, FastAPI, Django) computes it: ``identity`` is what its
+        ``identify`` returned for the caller; without one, ``credentials`` are the request's
+        credentials as the middleware reads them (``{"authorization": "Bearer ..."}``,
+        ``"cookie:NAME"`` for a session cookie); ``anonymous`` for a middleware that allows
+        requests with neither."""
+        from .integrations.http import stored_identity
+
+        pairs = list(credentials.items() if isinstance(credentials, Mapping) else credentials or [])
+        found = stored_identity(identity, pairs, anonymous)
+        if found is None:
+            raise ConfigurationError(
+                "give identity=, credentials= or anonymous=True: the middleware refuses a "
+                "request without any"
+            )
+        return self.key_for((found, key), scope="http")
+
+    def _key_limit(self) -> int:
+        store = self._stores.any_store()
+        return store.max_key_length if store is not None else 255
+
+    def inspect(self, key: str, result_type: Any = None) -> Any:
+        """The record under the stored ``key`` as an :class:`idem_core.operate.RecordInfo`
+        (times as UTC datetimes; the result decoded as ``result_type`` if given, raw bytes
+        otherwise); :class:`idem_core.operate.RecordNotFound` if there is none."""
+        from .operate import inspect as inspect_record
+
+        return inspect_record(self.store, key, result_type)
+
+    def forget(self, key: str) -> bool:
+        """Delete the record under the stored ``key`` whatever its state, so the next call
+        runs again; True if there was one. Emits ``FORGOTTEN``."""
+        from .operate import forget
+
+        return forget(self.store, key, self._emit)
+
+    def release(self, key: str, *, fence: int | None = None) -> Any:
+        """Release the claim on ``key`` for a deliberate re-run: a lapsed lease, or the
+        live one whose ``fence`` is named; anything else raises
+        :class:`idem_core.operate.ReleaseRefused`. Emits ``RELEASED_BY_OPERATOR``."""
+        from .operate import release
+
+        return release(self.store, key, fence, self._emit)
+
+    async def ainspect(self, key: str, result_type: Any = None) -> Any:
+        """The asyncio twin of :meth:`inspect` (on the running loop's async store)."""
+        from .operate import ainspect
+
+        return await ainspect(self.astore, key, result_type)
+
+    async def aforget(self, key: str) -> bool:
+        """The asyncio twin of :meth:`forget`."""
+        from .operate import aforget
+
+        return await aforget(self.astore, key, self._emit)
+
+    async def arelease(self, key: str, *, fence: int | None = None) -> Any:
+        """The asyncio twin of :meth:`release`."""
+        from .operate import arelease
+
+        return await arelease(self.astore, key, fence, self._emit)
 
     # -- integrations (thin delegations to idem_core.integrations) -------------------------
 

@@ -1,4 +1,5 @@
-"""``idem``: check, set up and purge stores, and run the benchmarks."""
+"""``idem``: check, set up and purge stores, operate on records (:mod:`.cli_ops`), and run
+the benchmarks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from . import cli_ops
 from .errors import IdempotencyError
 from .record import ClaimRequest
 from .registry import open_store
@@ -157,13 +159,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("url")
     p.add_argument("--batch", type=int, default=1000)
     sub.add_parser("bench", help="run the benchmarks (idem bench --help)")
+    cli_ops.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command in cli_ops.COMMANDS:
+            return cli_ops.run(args)
         if args.command == "check":
             return check(args.url)
         if args.command == "setup":
             return setup(args.url)
         return purge(args.url, args.batch)
+    except cli_ops.RecordNotFound as exc:
+        print(f"idem: {args.command} {_masked(args.url)}: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         # One line, no traceback: a bad URL, an unreachable server, a wrong option or a
         # missing extra is the user's to fix, and the message says what it is.

@@ -27,6 +27,10 @@ class EventKind(enum.Enum):
     #: the function ran but its result could not be stored; duplicates raise
     #: ResultNotSerializable instead of running it again (``error`` says why)
     RESULT_NOT_STORED = "result_not_stored"
+    #: an operator deleted the record (``idem forget``, ``Idempotency.forget``)
+    FORGOTTEN = "forgotten"
+    #: an operator released a claim so the next call runs again (``idem release``)
+    RELEASED_BY_OPERATOR = "released_by_operator"
 
 
 _LEVELS = {
@@ -42,6 +46,8 @@ _LEVELS = {
     EventKind.STORE_ERROR: logging.ERROR,
     EventKind.FAIL_OPEN: logging.ERROR,
     EventKind.RESULT_NOT_STORED: logging.WARNING,
+    EventKind.FORGOTTEN: logging.WARNING,
+    EventKind.RELEASED_BY_OPERATOR: logging.WARNING,
 }
 
 

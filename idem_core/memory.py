@@ -19,15 +19,18 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
+
+import msgspec.structs
 
 from . import _process, machine
 from .clock import Clock, system_clock
 from .errors import ConfigurationError
 from .record import MICROS, ClaimRequest, ClaimResult, Record, Status
 from .registry import url_options
+from .scanning import DEFAULT_PAGE, ScanFilter
 
 _named: dict[str, MemoryStore] = {}
 _named_lock = threading.Lock()
@@ -236,6 +239,20 @@ class MemoryStore:
 
     def now(self) -> int:
         return self._clock()
+
+    def scan(self, where: ScanFilter, page_size: int = DEFAULT_PAGE) -> Iterator[list[Record]]:
+        """Pages of the records ``where`` selects, without results (see
+        :mod:`idem_core.scanning`); the key list is taken once, each page under the lock."""
+        with self._lock:
+            keys = list(self._records)
+        for start in range(0, len(keys), page_size):
+            page: list[Record] = []
+            with self._lock:
+                for key in keys[start : start + page_size]:
+                    rec = self._records.get(key)
+                    if rec is not None and where.matches(rec):
+                        page.append(msgspec.structs.replace(rec, result=None))
+            yield page
 
     def close(self) -> None:
         pass

@@ -133,6 +133,13 @@ class AsyncStore(Protocol):
 #     return early. Subscribe first, then re-read, so a change in between is not missed. The
 #     core polls with backoff when a store lacks it.
 # ``async_twin() -> AsyncStore``: an asyncio view of the same data (in-process stores).
+# ``scan(where: ScanFilter, page_size: int = 500) -> Iterator[list[Record]]``: every record
+#     ``where`` may select (:mod:`idem_core.scanning`), in pages of at most ``page_size``
+#     records *without their results*, holding no more than about one page in memory whatever
+#     the store's size (``idem ls``, ``idem stuck``). A store may filter only in part on the
+#     server; callers keep what ``where.matches`` accepts. Stores without it make the CLI say
+#     that listing is not supported. DynamoDB's and a Redis Cluster's scans read the whole
+#     table/keyspace, a page at a time.
 #
 # Stores must also be safe after ``os.fork()``: a child opens its own connections instead of
 # using the parent's sockets.

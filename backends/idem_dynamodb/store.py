@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 from idem_core.registry import import_driver
+from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
@@ -160,6 +161,20 @@ class DynamoDBStore(Shared):
     def setup(self) -> str:
         """Create the table (on-demand) and turn TTL on; says what it did."""
         return self._run(self.plans.setup())
+
+    @property
+    def scan_note(self) -> str:
+        """What ``idem ls`` says about listing this table (:mod:`idem_dynamodb.scan`)."""
+        from .scan import note
+
+        return note(self.plans)
+
+    def scan(self, where: ScanFilter, page_size: int = DEFAULT_PAGE) -> Iterator[list[Record]]:
+        """Pages of the records ``where`` selects: a paginated Scan (a full table read) or,
+        on a shared table, a Query on the namespace's partition."""
+        from .scan import scan_pages
+
+        return scan_pages(self, where, page_size)
 
     def diagnostics(self) -> dict[str, object]:
         """Key schema, TTL, and whether a failed claim returns the record in one request."""

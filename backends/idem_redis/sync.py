@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
+from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import clients, common, steps
 from .common import Config, translate
+from .scan import NOTE as SCAN_NOTE
+from .scan import scan_pages
 from .scripts import CLUSTER, STANDALONE, Script
 
 _POLL_MIN = 0.02
@@ -341,6 +344,13 @@ class RedisStore:
     def _unsubscribe(pubsub: Any) -> None:
         with contextlib.suppress(*common.transient()):
             pubsub.close()
+
+    #: what ``idem ls`` says about listing this store (:mod:`.scan`)
+    scan_note = SCAN_NOTE
+
+    def scan(self, where: ScanFilter, page_size: int = DEFAULT_PAGE) -> Iterator[list[Record]]:
+        """Pages of the records ``where`` selects, by ``SCAN`` (:mod:`idem_redis.scan`)."""
+        return scan_pages(self, where, page_size)
 
     def diagnostics(self) -> dict[str, object]:
         from redis.utils import HIREDIS_AVAILABLE

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
+from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import steps
 from .caches import ConnectionCache, own
@@ -208,6 +209,12 @@ class SQLStore(_Common):
             raise ConfigurationError("batch must be at least 1")
         done = self._run(lambda: self._execute(self.sql.purge(batch)))
         return done + steps.purge_steps(self, batch)
+
+    def scan(self, where: ScanFilter, page_size: int = DEFAULT_PAGE) -> Iterator[list[Record]]:
+        """Pages of the records ``where`` selects, keyset-paginated (:mod:`idem_sql.scan`)."""
+        from .scan import scan_pages
+
+        return scan_pages(self, where, page_size)
 
     def setup(self) -> str:
         """Create the table and its index if missing; says what it did."""

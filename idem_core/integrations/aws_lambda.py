@@ -158,8 +158,19 @@ class _Keys:
         self.payload_key = Selector(payload_key, jmespath_options) if payload_key else None
         self.raise_on_missing_key = raise_on_missing_key
 
+    def data(self, event: Any) -> Any:
+        return self.event_key(event) if self.event_key else decoded_body(event)
+
+    def stored_key(self, idem: Idempotency, event: Any) -> str:
+        """The stored key of ``event`` (``Idempotency.key_of`` on a handler)."""
+        data = self.data(event)
+        if _missing(data):
+            expr = self.event_key.expression if self.event_key else "<event>"
+            raise KeyMissing(f"no idempotency key found in the event with {expr!r}")
+        return idem.key_for(key_of(data), scope=self.name)
+
     def __call__(self, event: Any) -> tuple[str, Any] | None:
-        data = self.event_key(event) if self.event_key else decoded_body(event)
+        data = self.data(event)
         if _missing(data):
             expr = self.event_key.expression if self.event_key else "<event>"
             if self.raise_on_missing_key:
@@ -247,6 +258,7 @@ def lambda_handler(
                 return result
 
         wrapper.idempotency = idem  # type: ignore[attr-defined]
+        wrapper.__idem_key__ = functools.partial(keys.stored_key, idem)  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate if fn is None else decorate(fn)
@@ -318,6 +330,7 @@ def batch_handler(
             return _process_batch(idem, func, keys, records, context, lease, ttl, result_type)
 
         wrapper.idempotency = idem  # type: ignore[attr-defined]
+        wrapper.__idem_key__ = functools.partial(keys.stored_key, idem)  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate if fn is None else decorate(fn)

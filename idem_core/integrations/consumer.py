@@ -99,6 +99,13 @@ def consumer(
                 return None
             raise KeyMissing(f"{scope}: the message has no dedup id ({why})") from cause
 
+        def stored_key(message: Any) -> str:
+            """The stored key of ``message`` (``Idempotency.key_of`` on a consumer)."""
+            raw = key_of(message)
+            if raw is None:
+                raise KeyMissing(f"{scope}: the message has no dedup id")
+            return idem.key_for(raw, scope=scope)
+
         def claim_args(message: Any) -> dict[str, Any]:
             return {
                 "scope": scope,  # idem_core.keys encodes (scope, id): no "#" join to collide
@@ -126,6 +133,7 @@ def consumer(
                     return result
 
             awrapper.idempotency = idem  # type: ignore[attr-defined]
+            awrapper.__idem_key__ = stored_key  # type: ignore[attr-defined]
             return awrapper  # type: ignore[return-value]
 
         @functools.wraps(func)
@@ -141,6 +149,7 @@ def consumer(
                 return result
 
         wrapper.idempotency = idem  # type: ignore[attr-defined]
+        wrapper.__idem_key__ = stored_key  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
 
     return decorate if fn is None else decorate(fn)

@@ -206,6 +206,20 @@ def hash_identity(value: Any) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
+def stored_identity(
+    identified: Any, credentials: Sequence[tuple[str, str]], anonymous: bool
+) -> str | None:
+    """The identity part of a stored HTTP key: the hash of what ``identify`` returned, else
+    of every credential as (source, value) pairs (``("authorization", "Bearer ...")``,
+    ``("cookie:session", "...")``); ``anonymous`` when allowed; None when there is none.
+    The middleware and ``Idempotency.http_key`` both use it."""
+    if identified is not None and identified != "":
+        return hash_identity(["identify", identified])
+    if credentials:
+        return hash_identity(["credentials", sorted(credentials)])
+    return ANONYMOUS if anonymous else None
+
+
 def _is_json(content_type: bytes | None) -> bool:
     if not content_type:
         return False
@@ -370,13 +384,9 @@ class HttpPolicy:
     def scope_for(self, identified: Any, request: HttpRequest) -> str | Problem:
         """The stored identity scope: the hash of ``identify``'s value, else of every
         credential; with neither, the anonymous scope if allowed, else a 400 problem."""
-        if identified is not None and identified != "":
-            return hash_identity(["identify", identified])
-        found = self.credentials(request)
-        if found:
-            return hash_identity(["credentials", sorted(found)])
-        if self.anonymous:
-            return ANONYMOUS
+        found = stored_identity(identified, self.credentials(request), self.anonymous)
+        if found is not None:
+            return found
         hint = ""
         if request.header(b"cookie") is not None:
             hint = (
