@@ -330,7 +330,17 @@ def _bound_psycopg(engine: Any, read_timeout: float, asynchronous: bool) -> None
     """psycopg connections with a read deadline (:mod:`idem_sql.timeouts`)."""
     from sqlalchemy import event
 
+    from .caches import mid_command
     from .timeouts import async_connection_class, sync_connection_class
+
+    @event.listens_for(engine, "handle_error")
+    def _replace_mid_command(context: Any) -> None:
+        # Statements on SQLAlchemy's Connection (setup, diagnostics, watched statements)
+        # follow the caches' rule: a connection left mid-command is not pooled again.
+        conn = context.connection
+        dbapi = None if conn is None or conn.invalidated else conn.connection.dbapi_connection
+        if not context.is_disconnect and dbapi is not None and mid_command(dbapi):
+            context.is_disconnect = True
 
     if asynchronous:
         cls: Any = async_connection_class(read_timeout)

@@ -106,7 +106,11 @@ class _CachePolicy:
 
     def _error(self, entry: _Entry, exc: Exception, sql: str, args: Any) -> DBAPIError:
         """SQLAlchemy's wrapping of a driver error, saying whether the connection is gone."""
-        disconnect = bool(self.dialect.is_disconnect(exc, entry[0].dbapi_connection, entry[1]))
+        dbapi_connection = entry[0].dbapi_connection
+        disconnect = bool(self.dialect.is_disconnect(exc, dbapi_connection, entry[1]))
+        # SQLAlchemy asks psycopg only whether the socket is closed; a connection still
+        # open but mid-command (a reply cut short) would fail every later call on it.
+        disconnect = disconnect or mid_command(dbapi_connection)
         error = DBAPIError.instance(
             sql,
             args,
@@ -235,6 +239,14 @@ class ConnectionCache(_CachePolicy):
         super().forget()
         # The parent's other threads are gone, and may have held the lock at the fork.
         self._lock = threading.Lock()
+
+
+def mid_command(dbapi_connection: Any) -> bool:
+    """Whether a psycopg connection is in no state to take a statement: a command still
+    in progress, or a protocol state libpq no longer knows. Other drivers close a
+    connection they cannot use, which ``is_disconnect`` already sees."""
+    status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+    return getattr(status, "name", None) in ("ACTIVE", "UNKNOWN")
 
 
 def _raw_connection(engine: Engine, dialect: Any, autocommit: bool) -> PoolProxiedConnection:

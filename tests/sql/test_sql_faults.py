@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import pytest
 from pool_watch import PoolWatch, assert_no_leak
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 
 from idem_core.errors import StoreUnavailable
@@ -180,3 +180,53 @@ async def test_async_killed_connection_reconnects_without_loss_or_duplicates(
         assert store.engine.sync_engine.pool.checkedout() == store.idle_connections
         await store.close()
         assert watch.out == 0, "close() kept a connection"
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_a_connection_left_mid_command_is_replaced_not_reused(db_url: str) -> None:
+    """A connection whose protocol state is unknown after an error (a reply cut short, a
+    command still in progress) never goes back to the store's cache: the call that finds it
+    so replaces it and runs once more, instead of every later call failing on it."""
+    store = open_store(db_url + "&pool_size=1&max_overflow=0")
+    try:
+        store.setup()
+        assert store.get(f"busy-{uuid.uuid4().hex}") is None
+        with store.dbapi_connection() as conn:
+            conn.pgconn.send_query(b"SELECT 1")  # sent, its reply never read
+        for _ in range(3):
+            assert store.get(f"busy-{uuid.uuid4().hex}") is None
+        assert store.engine.pool.checkedout() == store.idle_connections
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+async def test_async_connection_left_mid_command_is_replaced_not_reused(db_url: str) -> None:
+    store = open_async_store(db_url + "&pool_size=1&max_overflow=0")
+    assert store.fast_path
+    try:
+        await store.setup()
+        async with store.dbapi_connection() as conn:
+            conn.pgconn.send_query(b"SELECT 1")
+        for _ in range(3):
+            assert await store.get(f"busy-{uuid.uuid4().hex}") is None
+        assert store.engine.sync_engine.pool.checkedout() == store.idle_connections
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("db", ["postgresql"], indirect=True)
+def test_watched_statements_replace_a_connection_left_mid_command(db_url: str) -> None:
+    """The same on SQLAlchemy's Connection, the path taken while statements are watched."""
+    store = open_store(db_url + "&pool_size=1&max_overflow=0")
+    seen: list[str] = []
+    try:
+        store.setup()
+        event.listen(store.engine, "before_cursor_execute", lambda *a: seen.append(a[2]))
+        with store.engine.connect() as conn:
+            conn.connection.dbapi_connection.pgconn.send_query(b"SELECT 1")
+        for _ in range(3):
+            assert store.get(f"busy-{uuid.uuid4().hex}") is None
+        assert seen
+    finally:
+        store.close()
