@@ -223,7 +223,8 @@ class MemoryStore:
                 self._records[key] = rec
                 if self._max_size is not None:
                     self._ended[key] = None
-                stripe.changed_now()
+                if stripe.waiting:  # inline: the first call's hot path
+                    stripe.changed.notify_all()
                 return rec
         return machine.after_failed_complete(current, key, fence, now)
 
