@@ -519,3 +519,105 @@ def test_bad_sizes_are_refused() -> None:
         Batcher(Flush(), max_batch=0)
     with pytest.raises(ValueError, match="at least 1"):
         AsyncBatcher(AFlush(), flights=0)
+
+
+# -- many submitters at once -------------------------------------------------------------------
+
+
+class Decider:
+    """A flush over ``(who, i)`` ops that records what it answered each op: a ValueError for
+    every 17th op, a whole-flush ConnectionError when the flush carries a 53rd op."""
+
+    def __init__(self) -> None:
+        self.answered: dict[Any, Any] = {}
+        self.sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    def decide(self, ops: Sequence[tuple[int, int]]) -> list[Any] | BaseException:
+        with self._lock:
+            self.sizes.append(len(ops))
+            assert not any(op in self.answered for op in ops), "an op was sent twice"
+            if any(i % 53 == 52 for _, i in ops):
+                exc = ConnectionError(f"flush of {len(ops)} lost")
+                self.answered.update((op, exc) for op in ops)
+                return exc
+            out = [ValueError(op) if op[1] % 17 == 16 else op for op in ops]
+            self.answered.update(zip(ops, out, strict=True))
+            return out
+
+
+def test_many_threads_each_get_exactly_their_own_outcome() -> None:
+    decider = Decider()
+
+    def flush(ops: Sequence[tuple[int, int]]) -> list[Any]:
+        time.sleep(0.0002)  # a round trip: other threads queue meanwhile
+        out = decider.decide(ops)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    b: Batcher[tuple[int, int], tuple[int, int]] = Batcher(flush, max_batch=8)
+    got: dict[Any, Any] = {}
+    start = threading.Barrier(16)
+
+    def submitter(who: int) -> None:
+        start.wait(WAIT)
+        for i in range(150):
+            try:
+                got[(who, i)] = b.submit((who, i))
+            except (ValueError, ConnectionError) as exc:
+                got[(who, i)] = exc
+
+    threads = [threading.Thread(target=submitter, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 3)
+        assert not t.is_alive(), "a submitter was stranded"
+    assert len(got) == 16 * 150
+    for op, outcome in got.items():
+        assert outcome is decider.answered[op]  # its own answer, from the flush that sent it
+    assert max(decider.sizes) > 1  # they did share round trips
+    assert max(decider.sizes) <= 8
+    assert b._in_flight == 0 and not b._queue
+
+
+async def test_many_tasks_each_get_their_own_outcome_and_cancellation_is_theirs_alone() -> None:
+    decider = Decider()
+
+    async def flush(ops: Sequence[tuple[int, int]]) -> list[Any]:
+        await asyncio.sleep(0)  # a round trip: other tasks queue meanwhile
+        await asyncio.sleep(0)
+        out = decider.decide(ops)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    a: AsyncBatcher[tuple[int, int], tuple[int, int]] = AsyncBatcher(flush, max_batch=8)
+    got: dict[Any, Any] = {}
+
+    async def one(op: tuple[int, int]) -> None:
+        try:
+            got[op] = await a.submit(op)
+        except (ValueError, ConnectionError) as exc:
+            got[op] = exc
+
+    tasks = {(w, i): asyncio.create_task(one((w, i))) for w in range(16) for i in range(60)}
+    cancelled = set()
+    for n, (op, task) in enumerate(tasks.items()):
+        if n % 7 == 3:
+            await asyncio.sleep(0)
+            task.cancel()
+            cancelled.add(op)
+    await asyncio.wait(tasks.values(), timeout=WAIT)
+    assert all(t.done() for t in tasks.values()), "a submitter was stranded"
+    for op, task in tasks.items():
+        if task.cancelled():
+            assert op in cancelled
+            continue
+        assert got[op] is decider.answered[op]
+    assert set(got) | cancelled == set(tasks)
+    # a cancelled op was sent at most once, and only if it had been sent before its cancel
+    assert set(decider.answered) >= set(got)
+    assert max(decider.sizes) > 1
+    assert a._in_flight == 0 and not a._queue and not a._tasks
