@@ -184,6 +184,14 @@ class MemoryStore:
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         key = request.key
+        current = self._records.get(key)
+        if current is not None:
+            # A claim that finds a record it cannot take writes nothing (replays, calls in
+            # progress): answered without a lock from one atomic read. Records are replaced,
+            # never changed, and one not takeable now was not takeable at the read before.
+            now = self._clock()
+            if not machine.takeable(current, now):
+                return ClaimResult(machine.classify(current, request, now), current)
         stripe = self._stripes[hash(key) & _MASK]
         with stripe.lock:
             now = self._clock()

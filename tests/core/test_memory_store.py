@@ -181,6 +181,11 @@ def test_a_thread_stopped_inside_an_operation_holds_up_only_its_own_key() -> Non
         for k in (f"other{i}" for i in range(200))
         if store._stripe(k) is not store._stripe(stalled)
     ]
+    # a key that shares the stalled key's lock, completed before the stall
+    neighbour = next(
+        k for k in (f"n{i}" for i in range(10_000)) if store._stripe(k) is store._stripe(stalled)
+    )
+    store.complete(neighbour, store.claim(request(neighbour)).fence, b"r", 60)
     t = threading.Thread(target=store.claim, args=(request(stalled),))
     clock.stalled = t
     t.start()
@@ -199,6 +204,14 @@ def test_a_thread_stopped_inside_an_operation_holds_up_only_its_own_key() -> Non
         runner = threading.Thread(target=other_calls, daemon=True)
         runner.start()
         assert done.wait(LONG / 3), "other keys waited for the stalled thread's lock"
+        # A claim that only reads (a replay) does not wait even on the same lock.
+        replayed: list[ClaimOutcome] = []
+        reader = threading.Thread(
+            target=lambda: replayed.append(store.claim(request(neighbour)).outcome), daemon=True
+        )
+        reader.start()
+        reader.join(LONG / 3)
+        assert replayed == [ClaimOutcome.COMPLETED]
         # ...while the stalled key's own operations wait: each key's operations stay atomic.
         same = threading.Thread(target=store.claim, args=(request(stalled),), daemon=True)
         same.start()
