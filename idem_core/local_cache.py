@@ -1,13 +1,17 @@
 """``Idempotency(local_cache=N)``: completed records kept in this process, so a hot replay
-costs no round trip. A hit is a replay like any other: it emits ``replayed``."""
+costs no round trip. A hit is a replay like any other: it emits ``replayed``.
+
+No lock: each step is one operation on an ``OrderedDict``, which the interpreter makes
+atomic. A lock held across the steps was a convoy under threads (a thread that lost the GIL
+inside it stopped every replay of the process). Between two steps another thread may act;
+each step tolerates it, and the worst outcome is one record fewer than ``size`` cached.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 
-from . import _process
 from .record import MICROS, Record
 
 
@@ -18,36 +22,39 @@ class LocalCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._items: OrderedDict[str, Record] = OrderedDict()
-        self._lock = threading.Lock()
-        _process.reset_in_child(self)
 
     def put(self, key: str, record: Record) -> None:
-        with self._lock:
-            self._items[key] = record
-            self._items.move_to_end(key)
-            if len(self._items) > self.size:
-                self._items.popitem(last=False)
+        items = self._items
+        items[key] = record
+        try:
+            items.move_to_end(key)
+        except KeyError:  # discarded meanwhile by another thread
+            return
+        if len(items) > self.size:
+            try:  # noqa: SIM105  (try is cheaper than contextlib.suppress on the hot path)
+                items.popitem(last=False)
+            except KeyError:  # emptied meanwhile
+                pass
 
     def get(self, key: str, fp: str) -> Record | None:
-        with self._lock:
-            rec = self._items.get(key)
-            if rec is None:
-                return None
-            # Judged by this process's clock: a cache entry never outlives its record by more
-            # than the skew between this machine and the store.
-            if rec.expires_at <= time.time() * MICROS:
-                del self._items[key]
-                return None
-            if rec.fingerprint != fp:
-                return None  # the store decides: it reports the mismatch
-            self._items.move_to_end(key)
-            return rec
+        items = self._items
+        rec = items.get(key)
+        if rec is None:
+            return None
+        # Judged by this process's clock: a cache entry never outlives its record by more
+        # than the skew between this machine and the store.
+        if rec.expires_at <= time.time() * MICROS:
+            if items.get(key) is rec:  # not replaced meanwhile (a racing pop is harmless)
+                items.pop(key, None)
+            return None
+        if rec.fingerprint != fp:
+            return None  # the store decides: it reports the mismatch
+        try:  # noqa: SIM105  (try is cheaper than contextlib.suppress on the hot path)
+            items.move_to_end(key)
+        except KeyError:  # discarded meanwhile: this replay still stands
+            pass
+        return rec
 
     def discard(self, key: str) -> None:
         """Forget ``key`` (its record was deleted from the store)."""
-        with self._lock:
-            self._items.pop(key, None)
-
-    def _after_fork_in_child(self) -> None:
-        # The records stay valid; the lock may have been held by a thread the child lacks.
-        self._lock = threading.Lock()
+        self._items.pop(key, None)

@@ -105,7 +105,7 @@ class FencelessStore(MemoryStore):
         *,
         with_items: Sequence[Any] | None = None,
     ) -> Record:
-        with self._lock:
+        with self._stripe(key).lock:
             now = self._clock()
             rec = machine.completed(self._records[key], result, ttl, now)
             self._records[key] = rec
@@ -116,7 +116,7 @@ class LeaselessStore(MemoryStore):
     """Broken on purpose: a claim takes over any in-progress record, live lease or not."""
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
-        with self._lock:
+        with self._stripe(request.key).lock:
             current = self._records.get(request.key)
             if current is not None and current.status.value == "in_progress":
                 del self._records[request.key]

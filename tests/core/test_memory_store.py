@@ -144,9 +144,99 @@ def test_a_forked_child_is_not_stuck_on_a_lock_held_at_the_fork() -> None:
     store = MemoryStore()
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
-    with store._lock:  # as if another thread were inside a claim at the moment of the fork
+    # as if threads were inside a claim of that key, and evicting, at the moment of the fork
+    with store._stripe("in-child").lock, store._evicting:
         p = ctx.Process(target=_claim_in_child, args=(store, q))
         p.start()
         outcome = q.get(timeout=10)
         p.join(10)
     assert outcome == "claimed"
+
+
+# -- threads: no store-wide lock -------------------------------------------------------------
+
+
+class _StallingClock:
+    """The system clock, except that a call from ``stalled`` blocks until ``go`` is set: a
+    thread stopped in the middle of an operation (as when the GIL is taken from it)."""
+
+    def __init__(self) -> None:
+        self.stalled: threading.Thread | None = None
+        self.inside = threading.Event()
+        self.go = threading.Event()
+
+    def __call__(self) -> int:
+        if threading.current_thread() is self.stalled:
+            self.inside.set()
+            assert self.go.wait(LONG)
+        return time.time_ns() // 1000
+
+
+def test_a_thread_stopped_inside_an_operation_holds_up_only_its_own_key() -> None:
+    clock = _StallingClock()
+    store = MemoryStore(clock=clock)
+    stalled = "stalled"
+    others = [
+        k
+        for k in (f"other{i}" for i in range(200))
+        if store._stripe(k) is not store._stripe(stalled)
+    ]
+    t = threading.Thread(target=store.claim, args=(request(stalled),))
+    clock.stalled = t
+    t.start()
+    assert clock.inside.wait(LONG)
+    try:
+        # Every operation on other keys goes on: a claim, a completion, a read.
+        done = threading.Event()
+
+        def other_calls() -> None:
+            for key in others[:20]:
+                fence = store.claim(request(key)).fence
+                store.complete(key, fence, b"r", 60)
+                assert store.get(key) is not None
+            done.set()
+
+        runner = threading.Thread(target=other_calls, daemon=True)
+        runner.start()
+        assert done.wait(LONG / 3), "other keys waited for the stalled thread's lock"
+        # ...while the stalled key's own operations wait: each key's operations stay atomic.
+        same = threading.Thread(target=store.claim, args=(request(stalled),), daemon=True)
+        same.start()
+        same.join(0.05)
+        assert same.is_alive()
+    finally:
+        clock.go.set()
+    t.join(LONG)
+    same.join(LONG)
+    assert store.claim(request(stalled)).outcome is ClaimOutcome.IN_PROGRESS
+
+
+def test_many_threads_keep_the_size_bound_and_every_call_in_progress() -> None:
+    store = MemoryStore(max_size=50)
+    threads, per_thread = 8, 500
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def calls(t: int) -> None:
+        try:
+            start.wait(LONG)
+            for i in range(per_thread):
+                key = f"t{t}-{i}"
+                res = store.claim(request(key))
+                assert res.outcome is ClaimOutcome.CLAIMED
+                # in progress: never evicted, whatever the other threads insert meanwhile
+                assert store.get(key) is not None
+                store.complete(key, res.fence, b"r", 600)
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=calls, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(LONG)
+    assert not errors
+    # at most one extra record per call that was running when its insert found the store full
+    assert 50 <= len(store) <= 50 + threads
+    store.claim(request("last"))  # a write with nobody running beside it: back to the bound
+    assert len(store) == 50

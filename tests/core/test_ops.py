@@ -25,11 +25,12 @@ from ops_scenarios import api_scenario, bulk_scenario, cli, errors_scenario
 def _memory_loader(store: MemoryStore) -> Any:
     def load(records: Sequence[Record]) -> None:
         # The in-process store has no bulk write: records go straight into its dict, under
-        # its lock, as its own operations leave them.
-        with store._lock:
-            for rec in records:
+        # their keys' locks, as its own operations leave them.
+        for rec in records:
+            stripe = store._stripe(rec.key)
+            with stripe.lock:
                 store._records[rec.key] = rec
-            store._last_fence = max(store._last_fence, *(r.fence for r in records))
+                stripe.last_fence = max(stripe.last_fence, rec.fence)
 
     return load
 
