@@ -29,6 +29,8 @@ from .config import Config, parse
 EXTRA = "redis"
 #: Redis accepts keys up to 512 MB; past this the caller hashes (see ``Store.max_key_length``).
 MAX_KEY_LENGTH = 1024
+#: most script calls one coalesced round trip carries
+MAX_BATCH = 256
 
 __all__ = ["Config", "parse", "translate", "transient"]
 
@@ -108,27 +110,14 @@ def check_size(key: str, result: bytes, limit: int) -> None:
         )
 
 
-def sort_replies(
-    todo: Sequence[int],
-    results: Sequence[Any],
-    replies: list[Any],
-    keep: tuple[type[BaseException], ...] = (),
-) -> list[int]:
-    """Put each pipeline reply in its place in ``replies``; return the indices whose script
-    was missing (NOSCRIPT: send them again with EVAL). An error reply for one item is raised
-    here, inside the caller's ``translate``, so it means what it means for a single call
-    (``READONLY`` is ``StoreUnavailable``, a corrupt record ``CorruptRecord``); ``keep``
-    lists errors left in place for the caller (a Cluster's redirections)."""
-    missing = []
-    for i, res in zip(todo, results, strict=True):
-        if isinstance(res, Exception):
-            if is_noscript(res):
-                missing.append(i)
-                continue
-            if not isinstance(res, keep):
-                raise res
-        replies[i] = res
-    return missing
+def raise_any(results: Sequence[Any]) -> Sequence[Any]:
+    """The replies of a batch of calls that succeed or fail together (``claim_many``): an
+    error for one fails the call, raised inside the caller's ``translate`` so that it means
+    what it means for a single call."""
+    for res in results:
+        if isinstance(res, BaseException):
+            raise res
+    return results
 
 
 def waited(pair: Sequence[Any], config: Config, key: str) -> Any:
