@@ -11,10 +11,12 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from idem_core.coalesce import AsyncBatcher
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 
-from . import clients, common, steps
+from . import batch, clients, common, steps
+from .batch import Op
 from .common import Config, translate
 from .scripts import CLUSTER, STANDALONE, Script, vars_of
 
@@ -89,6 +91,7 @@ class AsyncRedisStore:
         self.prefix = config.prefix
         self._loaded = not self.cluster
         self._loading: asyncio.Lock | None = None
+        self._batcher = self._coalescer()
 
     def __repr__(self) -> str:
         kind = "cluster" if self.cluster else self.config.kind
@@ -107,6 +110,8 @@ class AsyncRedisStore:
         old = held.loop
         held.loop = loop
         if not self._owned:
+            if old is not None:
+                self._batcher = self._coalescer()  # its queue belonged to the old loop
             return
         if self._pid != os.getpid():
             # The parent's sockets and event loop are not ours: start afresh, and leave the
@@ -125,6 +130,7 @@ class AsyncRedisStore:
         held.client = clients.build(self.config, aio=True)
         self._loaded = not self.cluster
         self._loading = None
+        self._batcher = self._coalescer()
 
     async def _load_scripts(self) -> None:
         """Load every script on every primary before the first call on a cluster.
@@ -151,6 +157,34 @@ class AsyncRedisStore:
         return self.prefix + key
 
     async def _run(self, script: Script, rkey: str, *args: Any) -> Any:
+        """One script call, in a round trip shared with other tasks' calls that overlap it
+        (:mod:`.batch`); alone, it is :meth:`_run_one`."""
+        if not self._loaded:
+            await self._load_scripts()
+        self.client  # noqa: B018 - binds the store to the running loop (and its batcher)
+        if self._batcher is None:
+            return await self._run_one(script, rkey, args)
+        return await self._batcher.submit(Op(script, rkey, args))
+
+    async def _flush(self, ops: Sequence[Op]) -> list[Any]:
+        if len(ops) == 1:
+            op = ops[0]
+            return [await self._run_one(op.script, op.rkey, op.args)]
+        with batch.fresh_deadline(self._budget):
+            if self.cluster:
+                return await batch.aflush_cluster(self, ops)
+            return await batch.aflush_pool(self.client.connection_pool, ops, self.config.retries)
+
+    def _coalescer(self) -> AsyncBatcher[Op, Any] | None:
+        """As the sync store's: a pool (or a Cluster) and no ``WAIT``; one per event loop."""
+        if not self.config.coalesce or self.config.wait_replicas > 0:
+            return None
+        client = self._held.client
+        if not self.cluster and getattr(client, "connection", None) is not None:
+            return None
+        return AsyncBatcher(self._flush, max_batch=common.MAX_BATCH)
+
+    async def _run_one(self, script: Script, rkey: str, args: tuple[Any, ...]) -> Any:
         if not self._loaded:
             await self._load_scripts()
         client = self.client
@@ -251,25 +285,11 @@ class AsyncRedisStore:
         if self.config.wait_replicas > 0:
             return [await self.claim(r) for r in requests]
         script = self.scripts.claim
-        replies: list[Any] = [None] * len(requests)
-        todo = list(range(len(requests)))
+        ops = [Op(script, self._k(r.key), common.claim_args(r)) for r in requests]
         with translate("claim_many", self._budget):
             if not self._loaded:
                 await self._load_scripts()
-            for command in ("EVALSHA", "EVAL"):
-                body = script.sha if command == "EVALSHA" else script.text
-                pipe = self.client.pipeline(transaction=False)
-                for i in todo:
-                    req = requests[i]
-                    pipe.execute_command(
-                        command, body, 1, self._k(req.key), *common.claim_args(req)
-                    )
-                results = await pipe.execute(raise_on_error=False)
-                todo = common.sort_replies(todo, results, replies)
-                if not todo:
-                    break
-            if todo:
-                raise StoreUnavailable("the claim script could not be loaded")
+            replies = common.raise_any(await self._flush(ops))
         return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
 
     async def complete(

@@ -26,7 +26,7 @@ class RedisBackend:
         import_driver("redis", self.extra)
         config = common.parse(url)
         if options:
-            known = {"prefix", "wait_replicas", "wait_timeout_ms"}
+            known = {"prefix", "wait_replicas", "wait_timeout_ms", "coalesce"}
             unknown = set(options) - known
             if unknown:
                 raise ConfigurationError(

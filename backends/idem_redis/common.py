@@ -20,14 +20,17 @@ from idem_core.errors import (
     ResultNotSerializable,
     StoreUnavailable,
 )
-from idem_core.record import ClaimRequest, ClaimResult, Record, Status, micros
+from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 
+from . import records
 from .clients import DEADLINE
 from .config import Config, parse
 
 EXTRA = "redis"
 #: Redis accepts keys up to 512 MB; past this the caller hashes (see ``Store.max_key_length``).
 MAX_KEY_LENGTH = 1024
+#: most script calls one coalesced round trip carries
+MAX_BATCH = 256
 
 __all__ = ["Config", "parse", "translate", "transient"]
 
@@ -107,27 +110,14 @@ def check_size(key: str, result: bytes, limit: int) -> None:
         )
 
 
-def sort_replies(
-    todo: Sequence[int],
-    results: Sequence[Any],
-    replies: list[Any],
-    keep: tuple[type[BaseException], ...] = (),
-) -> list[int]:
-    """Put each pipeline reply in its place in ``replies``; return the indices whose script
-    was missing (NOSCRIPT: send them again with EVAL). An error reply for one item is raised
-    here, inside the caller's ``translate``, so it means what it means for a single call
-    (``READONLY`` is ``StoreUnavailable``, a corrupt record ``CorruptRecord``); ``keep``
-    lists errors left in place for the caller (a Cluster's redirections)."""
-    missing = []
-    for i, res in zip(todo, results, strict=True):
-        if isinstance(res, Exception):
-            if is_noscript(res):
-                missing.append(i)
-                continue
-            if not isinstance(res, keep):
-                raise res
-        replies[i] = res
-    return missing
+def raise_any(results: Sequence[Any]) -> Sequence[Any]:
+    """The replies of a batch of calls that succeed or fail together (``claim_many``): an
+    error for one fails the call, raised inside the caller's ``translate`` so that it means
+    what it means for a single call."""
+    for res in results:
+        if isinstance(res, BaseException):
+            raise res
+    return results
 
 
 def waited(pair: Sequence[Any], config: Config, key: str) -> Any:
@@ -143,60 +133,20 @@ def waited(pair: Sequence[Any], config: Config, key: str) -> Any:
     return reply
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, str):
-        return value
-    raise TypeError(f"expected a string, got {type(value).__name__}")
-
-
-def _int_field(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return int(_text(value))
-
-
-def decode(key: str, fields: Sequence[Any]) -> Record | None:
-    """The record in a script's reply (``fields`` is the reply after ``applied, now``)."""
-    if not fields or fields[0] is None or fields[0] is False:
-        return None
-    try:
-        status = _text(fields[0])
-        result = fields[8] if len(fields) > 8 else None
-        if result is False:  # a Lua nil read under RESP3
-            result = None
-        if isinstance(result, str):
-            result = result.encode()
-        return Record(
-            key=key,
-            status=Status.IN_PROGRESS if status == "i" else Status.COMPLETED,
-            fingerprint=_text(fields[1]),
-            fence=_int_field(fields[2]),
-            lease_expires_at=_int_field(fields[3]),
-            expires_at=_int_field(fields[4]),
-            attempt=_text(fields[5]),
-            created_at=_int_field(fields[6]),
-            updated_at=_int_field(fields[7]),
-            result=result,
-        )
-    except (TypeError, ValueError, UnicodeDecodeError, IndexError) as exc:
-        raise CorruptRecord(f"the Redis record for key {key!r} cannot be decoded: {exc}") from exc
-
-
 def _split(key: str, reply: Any) -> tuple[bool, int, Record | None]:
+    """A script's reply: whether it wrote, the server time, the record it found."""
     if not isinstance(reply, list | tuple) or len(reply) < 2:
         raise CorruptRecord(f"unexpected script reply for key {key!r}: {reply!r}")
-    return bool(reply[0]), int(reply[1]), decode(key, reply[2:])
+    found = records.decode(key, reply[2]) if len(reply) > 2 else None
+    return bool(reply[0]), int(reply[1]), found
 
 
 # Arguments of each script, and the interpretation of its reply.
 
 
-def claim_args(request: ClaimRequest) -> tuple[str, str, int, int]:
+def claim_args(request: ClaimRequest) -> tuple[bytes, int, int]:
     return (
-        request.fingerprint,
-        request.attempt,
+        records.ids(request.fingerprint, request.attempt),
         micros(request.lease),
         micros(max(request.lease, request.ttl)),
     )

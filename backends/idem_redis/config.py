@@ -102,6 +102,7 @@ OWN = {
     "max_result_size",
     "sentinel_password",
     "ssl",
+    "coalesce",
 }
 
 
@@ -126,6 +127,8 @@ class Config:
     retries: int = DEFAULT_RETRIES
     pool_size: int | None = None
     max_result_size: int = DEFAULT_MAX_RESULT_SIZE
+    #: concurrent calls of one process share round trips (``coalesce=0``: each call its own)
+    coalesce: bool = True
     #: connection keyword arguments for redis-py (the checked ``PASSED`` settings, ``db``)
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     sentinel_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -263,6 +266,12 @@ def parse(url: str) -> Config:
         "pool_size": _integer(own, "pool_size", 0, url, low=1) if "pool_size" in own else None,
         "max_result_size": _integer(own, "max_result_size", DEFAULT_MAX_RESULT_SIZE, url, low=1),
     }
+    try:
+        common["coalesce"] = _bool(own.get("coalesce", "1"))
+    except ValueError:
+        raise ConfigurationError(
+            f"bad value {own['coalesce']!r} for 'coalesce' (1 or 0) in {url!r}"
+        ) from None
     if common["max_result_size"] > DEFAULT_MAX_RESULT_SIZE:
         raise ConfigurationError(
             f"max_result_size cannot exceed Redis's {DEFAULT_MAX_RESULT_SIZE} bytes in {url!r}"

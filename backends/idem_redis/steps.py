@@ -1,10 +1,11 @@
-"""Steps (:mod:`idem_core.steps`) on Redis: fields of the record's own hash.
+"""Steps (:mod:`idem_core.steps`) on Redis: entries at the end of the record's own value.
 
-Step ``name`` is the field ``t:<name>`` of the record's hash, holding ``<until>:<data>``. Being
-in the record's key, a step is written by one script on one key (one hash slot on a Cluster),
-under the same ``holds`` condition as ``complete``, and goes with the key: on expiry, on
-``delete``, and when a claim replaces an expired record. A takeover or a claim after a release
-keeps the fields (the claim script only deletes an expired record), so the successor resumes.
+Step ``name`` is an entry appended to the record's value (:func:`.records.step_entry`: the
+name, ``until`` and the data); an entry written again (a retried write) counts as the last
+one. Being in the record's key, a step is written by one script on one key (one hash slot
+on a Cluster), under the same ``holds`` condition as ``complete``, and goes with the key: on
+expiry, on ``delete``, and when a claim replaces an expired record. A takeover or a claim
+after a release keeps the entries (the claim script copies them), and so does ``complete``.
 """
 
 from __future__ import annotations
@@ -14,30 +15,23 @@ from typing import Any
 from idem_core import machine
 from idem_core.errors import CorruptRecord
 
-from . import common
+from . import common, records
 from .common import translate
-from .scripts import Script
+from .scripts import HELD, Script, found
 
-# ARGV: fence, name, data, until
-_RECORD = """
-local cur = read()
-if not holds(cur, ARGV[1]) then
-  return reply(0, cur, false)
-end
-redis.call('HSET', key, 't:' .. ARGV[2], ARGV[4] .. ':' .. ARGV[3])
-return reply(1, nil, false)
+# ARGV: fence, entry (records.step_entry). APPEND keeps the key's expiry.
+_RECORD = (
+    HELD
+    + found(0, result=False)
+    + """end
+redis.call('APPEND', key, ARGV[2])
+return {1, now}
 """
+)
 
 _LOAD = """
-local all = redis.call('HGETALL', key)
-local out = {}
-for i = 1, #all, 2 do
-  if string.sub(all[i], 1, 2) == 't:' then
-    out[#out + 1] = all[i]
-    out[#out + 1] = all[i + 1]
-  end
-end
-return out
+if not v then return '' end
+return string.sub(v, H + il + rl + 1)
 """
 
 assert "PUBLISH" not in _RECORD + _LOAD  # so one text serves standalone and Cluster
@@ -46,30 +40,20 @@ RECORD = Script("record_step", _RECORD, "PUBLISH")
 LOAD = Script("load_steps", _LOAD, "PUBLISH")
 
 
-def record_args(fence: int, name: str, data: bytes, until: int) -> tuple[str, str, bytes, str]:
-    return str(fence), name, bytes(data), str(until)
+def record_args(fence: int, name: str, data: bytes, until: int) -> tuple[str, bytes]:
+    return str(fence), records.step_entry(name, until, bytes(data))
 
 
 def record_result(key: str, fence: int, reply: Any) -> None:
-    applied, now, found = common._split(key, reply)
+    applied, now, current = common._split(key, reply)
     if not applied:
-        machine.after_failed_renew(found, key, fence, now)  # raises LeaseLost
+        machine.after_failed_renew(current, key, fence, now)  # raises LeaseLost
 
 
 def load_result(key: str, reply: Any) -> dict[str, tuple[int, bytes]]:
-    if not isinstance(reply, list | tuple) or len(reply) % 2:
+    if not isinstance(reply, bytes):
         raise CorruptRecord(f"unexpected steps reply for key {key!r}: {reply!r}")
-    steps: dict[str, tuple[int, bytes]] = {}
-    for i in range(0, len(reply), 2):
-        field, value = reply[i], reply[i + 1]
-        try:
-            name = (field.decode() if isinstance(field, bytes) else str(field))[2:]
-            raw = value if isinstance(value, bytes) else str(value).encode()
-            until, _, data = raw.partition(b":")
-            steps[name] = (int(until), data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise CorruptRecord(f"a step of the Redis record {key!r} is corrupt: {exc}") from exc
-    return steps
+    return records.decode_steps(key, reply)
 
 
 def record_step(store: Any, key: str, fence: int, name: str, data: bytes, until: int) -> None:

@@ -8,11 +8,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from idem_core.coalesce import Batcher
 from idem_core.errors import ConfigurationError, StoreUnavailable
 from idem_core.record import ClaimRequest, ClaimResult, Record, micros
 from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
-from . import clients, common, steps
+from . import batch, clients, common, steps
+from .batch import Op
 from .common import Config, translate
 from .scan import NOTE as SCAN_NOTE
 from .scan import scan_pages
@@ -52,6 +54,7 @@ class RedisStore:
                 self.scripts = CLUSTER
                 self.prefix = config.prefix
                 self._pool = None
+                self._batcher = self._coalescer()
                 return
             client = clients.build(config, aio=False)
         else:
@@ -74,6 +77,16 @@ class RedisStore:
         # A pooled standalone (or Sentinel) client: scripts go straight to a pooled
         # connection, skipping redis-py's generic command path (~15 us a call here).
         self._pool = None if self.cluster or client.connection else client.connection_pool
+        self._batcher = self._coalescer()
+
+    def _coalescer(self) -> Batcher[Op, Any] | None:
+        """Coalescing needs a pool (or a Cluster) and no ``WAIT`` (which counts one
+        connection's writes)."""
+        if not self.config.coalesce or self.config.wait_replicas > 0:
+            return None
+        if not self.cluster and self._pool is None:
+            return None  # a given single-connection client: nothing to share
+        return Batcher(self._flush, max_batch=common.MAX_BATCH)
 
     def __repr__(self) -> str:
         return f"<RedisStore {'cluster' if self.cluster else self.config.kind} {self.prefix!r}>"
@@ -89,6 +102,22 @@ class RedisStore:
         return self.prefix + key
 
     def _run(self, script: Script, rkey: str, *args: Any) -> Any:
+        """One script call, in a round trip shared with other threads' calls that overlap
+        it (:mod:`.batch`); alone, it is :meth:`_run_one`."""
+        if self._batcher is None:
+            return self._run_one(script, rkey, args)
+        return self._batcher.submit(Op(script, rkey, args))
+
+    def _flush(self, ops: Sequence[Op]) -> list[Any]:
+        if len(ops) == 1:
+            op = ops[0]
+            return [self._run_one(op.script, op.rkey, op.args)]
+        with batch.fresh_deadline(self._budget):
+            if self.cluster:
+                return batch.flush_cluster(self, ops)
+            return batch.flush_pool(self._pool, ops, self.config.retries)
+
+    def _run_one(self, script: Script, rkey: str, args: tuple[Any, ...]) -> Any:
         if self._pool is not None:
             return self._run_direct(script, rkey, args)
         try:
@@ -161,61 +190,10 @@ class RedisStore:
             return []
         if self.config.wait_replicas > 0:
             return [self.claim(r) for r in requests]
-        if self.cluster:
-            return self._claim_many_cluster(requests)
-        with translate("claim_many", self._budget):
-            replies = self._pipelined(self.client, requests)
-        return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
-
-    def _pipelined(
-        self, target: Any, requests: Sequence[ClaimRequest], keep: tuple[type[Any], ...] = ()
-    ) -> list[Any]:
-        """EVALSHA for each request in one pipeline on ``target``; EVAL for any NOSCRIPT.
-        Runs inside the caller's ``translate``: an item's error reply is raised there."""
         script = self.scripts.claim
-        replies: list[Any] = [None] * len(requests)
-        todo = list(range(len(requests)))
-        for command in ("EVALSHA", "EVAL"):
-            body = script.sha if command == "EVALSHA" else script.text
-            pipe = target.pipeline(transaction=False)
-            for i in todo:
-                req = requests[i]
-                pipe.execute_command(command, body, 1, self._k(req.key), *common.claim_args(req))
-            todo = common.sort_replies(todo, pipe.execute(raise_on_error=False), replies, keep)
-            if not todo:
-                return replies
-        raise StoreUnavailable("the claim script could not be loaded")
-
-    def _claim_many_cluster(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
-        """One pipeline per primary holding the keys.
-
-        redis-py's sync cluster pipeline asks the server for the keys of every EVALSHA
-        (``COMMAND GETKEYS``, one trip each), so the commands are grouped here by node and
-        sent on each node's own client. A key that moved meanwhile is claimed on its own,
-        through the cluster client that follows the redirection.
-        """
-        from redis.exceptions import AskError, MovedError, TryAgainError
-
-        groups: dict[str, list[int]] = {}
-        redirected = (MovedError, AskError, TryAgainError)
+        ops = [Op(script, self._k(r.key), common.claim_args(r)) for r in requests]
         with translate("claim_many", self._budget):
-            nodes = {}
-            for i, req in enumerate(requests):
-                node = self.client.get_node_from_key(self._k(req.key))
-                nodes[node.name] = node
-                groups.setdefault(node.name, []).append(i)
-            replies: list[Any] = [None] * len(requests)
-            for name, indices in groups.items():
-                target = self.client.get_redis_connection(nodes[name])
-                got = self._pipelined(target, [requests[i] for i in indices], redirected)
-                for i, reply in zip(indices, got, strict=True):
-                    replies[i] = reply
-            for i, reply in enumerate(replies):
-                if isinstance(reply, redirected):
-                    req = requests[i]
-                    replies[i] = self._run(
-                        self.scripts.claim, self._k(req.key), *common.claim_args(req)
-                    )
+            replies = common.raise_any(self._flush(ops))
         return [common.claim_result(r, reply) for r, reply in zip(requests, replies, strict=True)]
 
     def complete(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from idem_redis import records
 from redis_servers import with_params
 
 from idem_core import Record, Status, open_store
@@ -34,30 +35,13 @@ def store(ops_url: str) -> Iterator[Any]:
     s.close()
 
 
-def _fmt(n: int) -> str:
-    return str(n)
-
-
 def _loader(store: Any) -> Any:
-    def load(records: Sequence[Record]) -> None:
+    def load(batch: Sequence[Record]) -> None:
         client = store.client
         pipe = client.pipeline(transaction=False)
-        for i, rec in enumerate(records):
+        for i, rec in enumerate(batch):
             name = store.prefix + rec.key
-            fields = {
-                "s": "i" if rec.status is Status.IN_PROGRESS else "c",
-                "p": rec.fingerprint,
-                "f": _fmt(rec.fence),
-                "l": _fmt(rec.lease_expires_at),
-                "e": _fmt(rec.expires_at),
-                "a": rec.attempt,
-                "c": _fmt(rec.created_at),
-                "u": _fmt(rec.updated_at),
-            }
-            if rec.result is not None:
-                fields["r"] = rec.result  # type: ignore[assignment]
-            pipe.hset(name, mapping=fields)
-            pipe.pexpireat(name, rec.expires_at // 1000 + 1)
+            pipe.set(name, records.encode(rec), pxat=rec.expires_at // 1000 + 1)
             if i % 1000 == 999:
                 pipe.execute()
         pipe.execute()

@@ -31,7 +31,7 @@ def req(key: str, attempt: str | None = None, lease: float = 30.0) -> ClaimReque
 
 
 # Commands the scripts run inside the server: INFO counts them too, but they cost no trip.
-_IN_SCRIPTS = {"time", "hmget", "exists", "hget", "hset", "del", "pexpireat", "publish"}
+_IN_SCRIPTS = {"time", "get", "set", "append", "type", "hgetall", "del", "publish"}
 _IN_SCRIPTS |= {"spublish", "info"}
 
 
