@@ -363,6 +363,22 @@ def _sqlite_pragmas(engine: Any, busy_ms: int) -> None:
             cursor.close()
 
 
+def _mysql_session(engine: Any) -> None:
+    """Define the session variables a MariaDB claim reads back (:mod:`idem_sql.ops_mysql`)
+    once per connection, so that no claim has to ask for them in a second statement."""
+    from sqlalchemy import event
+
+    from .ops_mysql import DEFINE
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(DEFINE)
+        finally:
+            cursor.close()
+
+
 class SQLBackend:
     """Opens :class:`~idem_sql.store.SQLStore` / :class:`~idem_sql.store.AsyncSQLStore`."""
 
@@ -419,6 +435,8 @@ class SQLBackend:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine, opts.get("busy_timeout", 5000))
+        elif database in ("mysql", "mariadb"):
+            _mysql_session(engine)
         elif engine.dialect.driver == "psycopg":
             _bound_psycopg(engine, opts["read_timeout"], asynchronous=False)
         own(engine)
@@ -460,6 +478,8 @@ class SQLBackend:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine.sync_engine, opts.get("busy_timeout", 5000))
+        elif database in ("mysql", "mariadb"):
+            _mysql_session(engine.sync_engine)
         elif engine.dialect.driver == "psycopg":
             _bound_psycopg(engine.sync_engine, opts["read_timeout"], asynchronous=True)
         own(engine.sync_engine)
