@@ -379,6 +379,30 @@ def _mysql_session(engine: Any) -> None:
             cursor.close()
 
 
+def _threaded_sqlite(
+    engine: Any, sa_url: URL, args: dict[str, Any], opts: dict[str, Any], sql: Any
+) -> AsyncSQLStore:
+    """The async SQLite store whose programs run on a thread with a sync engine on the same
+    file (:mod:`idem_sql.sqlite_aio`)."""
+    from sqlalchemy import create_engine
+
+    from .caches import own
+    from .sqlite_aio import AsyncSQLiteStore
+
+    runner = create_engine(sa_url.set(drivername="sqlite+pysqlite"), **args)
+    _sqlite_pragmas(runner, opts.get("busy_timeout", 5000))
+    own(engine.sync_engine)
+    own(runner)
+    return AsyncSQLiteStore(
+        sql,
+        engine=engine,
+        owns_engine=True,
+        create=opts.get("create", True),
+        label="sqlite store",
+        runner=runner,
+    )
+
+
 class SQLBackend:
     """Opens :class:`~idem_sql.store.SQLStore` / :class:`~idem_sql.store.AsyncSQLStore`."""
 
@@ -472,12 +496,15 @@ class SQLBackend:
                 "client must be a sqlalchemy AsyncEngine or AsyncConnection, "
                 f"not {type(client).__name__}"
             )
+        args = _engine_args(database, sa_url, opts)
         try:
-            engine = create_async_engine(sa_url, **_engine_args(database, sa_url, opts))
+            engine = create_async_engine(sa_url, **args)
         except (ArgumentError, TypeError, ValueError) as exc:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine.sync_engine, opts.get("busy_timeout", 5000))
+            if "poolclass" not in args:  # a file, not one in-memory connection
+                return _threaded_sqlite(engine, sa_url, args, opts, sql_for(engine.dialect, table))
         elif database in ("mysql", "mariadb"):
             _mysql_session(engine.sync_engine)
         elif engine.dialect.driver == "psycopg":
