@@ -257,10 +257,11 @@ class MySQL(SQL):
     def renew(self, key: str, fence: int, lease: float) -> Program[Record]:
         if not self.insert_returning():
             return (yield from super().renew(key, fence, lease))
-        params = {"key": key, "fence": fence, "lease": micros(lease)}
+        lease_us = micros(lease)
+        params = {"key": key, "fence": fence, "lease": lease_us}
         record, now = yield from self._held(self.stmt_renew_returning, params)
         written = record is not None and record.fence == fence and record.updated_at == now
-        if written and record is not None and record.lease_expires_at == now + params["lease"]:
+        if written and record is not None and record.lease_expires_at == now + lease_us:
             return record  # by this statement
         return machine.after_failed_renew(record, key, fence, now)
 

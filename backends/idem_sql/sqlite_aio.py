@@ -98,7 +98,7 @@ class _Worker:
 
 
 def _serve(jobs: queue.SimpleQueue[_Job | None]) -> None:
-    while (job := jobs.get()) is not _STOP:
+    while (job := jobs.get()) is not None:  # None: _STOP
         work, loop, future = job
         try:
             outcome, failed = work(), False
