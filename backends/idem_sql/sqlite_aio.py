@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 
 from .aio import AsyncSQLStore
 from .caches import ConnectionCache
-from .ops import Program
+from .ops import Program, Rows
 
 __all__ = ["AsyncSQLiteStore"]
 
@@ -43,6 +43,126 @@ T = TypeVar("T")
 
 _Job = tuple[Callable[[], Any], asyncio.AbstractEventLoop | None, asyncio.Future[Any] | None]
 _STOP: Any = None
+# Programs of one or two single-row statements: quick enough to run on the event loop's
+# thread while the database is not locked. Every other program runs on the worker.
+_SHORT = frozenset({"claim", "complete", "release", "renew", "get"})
+# Programs run inline between two checkpoints, which the worker runs (the inline connection
+# never does: a checkpoint syncs the files to disk).
+_CHECKPOINT_EVERY = 1000
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (primary result codes)
+# Inline connections a forked child inherited: never closed there (the parent's).
+_inherited: list[Any] = []
+
+
+class _Inline:
+    """One connection of the runner's pool for programs run on the event loop's thread.
+
+    It never waits for a lock: ``busy_timeout`` is 0, so a statement that finds the
+    database locked fails at once, having done nothing (WAL mode: a writer takes its lock
+    before it writes, and its commit never waits), and the rest of the program, from that
+    statement on, goes to the worker, which waits as ``busy_timeout`` says. It never
+    checkpoints (``wal_autocheckpoint`` 0): the worker does, every ``_CHECKPOINT_EVERY``
+    programs. Outside WAL mode nothing runs inline.
+    """
+
+    def __init__(self, cache: ConnectionCache) -> None:
+        self.cache = cache
+        self.entry: Any = None
+        self.usable = True
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.runs = 0
+
+    def _open(self) -> Any:
+        pool: Any = self.cache.engine.pool
+        size, overflow = getattr(pool, "size", None), getattr(pool, "_max_overflow", -1)
+        if callable(size) and overflow >= 0 and size() + overflow < 2:
+            # Held for the store's life, it would leave the worker no connection.
+            self.usable = False
+            return None
+        conn = self.cache.engine.raw_connection()
+        try:
+            raw: Any = conn.dbapi_connection
+            mode = raw.execute("PRAGMA journal_mode").fetchone()[0]
+            if str(mode).lower() != "wal":
+                self.usable = False
+                conn.close()
+                return None
+            raw.execute("PRAGMA busy_timeout = 0")
+            raw.execute("PRAGMA wal_autocheckpoint = 0")
+            return conn, raw.cursor(), 0.0
+        except BaseException:
+            conn.invalidate()
+            raise
+
+    def run(self, program: Program[T]) -> tuple[bool, Any]:
+        """``(True, value)`` when the program ran here; else ``(False, rest)``: what is left
+        of it to run on the worker (all of it if no statement ran)."""
+        if not self.lock.acquire(blocking=False):
+            return False, program  # another thread's loop is using it: no waiting here
+        try:
+            if self.pid != os.getpid():
+                _inherited.append(self.entry)
+                self.entry, self.pid = None, os.getpid()
+            if self.entry is None:
+                self.entry = self._open()
+                if self.entry is None:
+                    return False, program
+            return self._run(self.entry, program)
+        finally:
+            self.lock.release()
+
+    def _run(self, entry: Any, program: Program[T]) -> tuple[bool, Any]:
+        cursor = entry[1]
+        compiled = self.cache.sql.compiled
+        try:
+            step = next(program)
+        except StopIteration as stop:
+            return True, stop.value
+        while True:
+            stmt, params = step
+            sql, layout, returns_rows = compiled(stmt)
+            args = layout(params)
+            try:
+                cursor.execute(sql, args)
+                rows = cursor.fetchall() if returns_rows else []
+            except self.cache.dbapi_error as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY:
+                    return False, _resumed(step, program)
+                error = self.cache._error(entry, exc, sql, args)
+                if error.connection_invalidated:
+                    self.close()
+                raise error from exc
+            except BaseException:
+                self.close()  # interrupted inside the driver: start afresh
+                raise
+            try:
+                step = program.send(Rows(rows, cursor.rowcount))
+            except StopIteration as stop:
+                self.runs += 1
+                return True, stop.value
+
+    def checkpoint_due(self) -> bool:
+        if self.runs < _CHECKPOINT_EVERY:
+            return False
+        self.runs = 0
+        return True
+
+    def close(self) -> None:
+        entry, self.entry = self.entry, None
+        if entry is not None and self.pid == os.getpid():
+            # Its pragmas are ours: closed, never handed back to the pool.
+            entry[0].invalidate()
+
+
+def _resumed(step: Any, program: Program[T]) -> Program[T]:
+    """``program`` from ``step`` on: ``step`` is yielded again, then the rest."""
+    while True:
+        rows = yield step
+        try:
+            step = program.send(rows)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 class _Worker:
@@ -51,6 +171,7 @@ class _Worker:
     def __init__(self, cache: ConnectionCache, engine: Engine) -> None:
         self.cache = cache
         self.engine = engine
+        self.inline = _Inline(cache)
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
         self.pid = os.getpid()
@@ -63,6 +184,16 @@ class _Worker:
             self._start()
         self.jobs.put((work, loop, future))
         return future
+
+    def post(self, work: Callable[[], Any]) -> None:
+        """Run ``work`` on the thread; nobody waits for it, its errors are dropped."""
+        if self.thread is None or self.pid != os.getpid():
+            self._start()
+        self.jobs.put((work, None, None))
+
+    def checkpoint(self) -> None:
+        with self.cache.connection() as raw:
+            raw.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _start(self) -> None:
         with self.lock:
@@ -93,6 +224,8 @@ class _Worker:
         return thread
 
     def _release(self) -> None:
+        with self.inline.lock:
+            self.inline.close()
         self.cache.close()
         self.engine.dispose()
 
@@ -148,7 +281,16 @@ class AsyncSQLiteStore(AsyncSQLStore):
         if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
             # Statement listeners watch the async engine: let them see the statements.
             return await super()._execute(program)
-        return await self._worker.submit(lambda: self._worker.cache.run(program))
+        worker = self._worker
+        if getattr(program, "__name__", "") in _SHORT and worker.inline.usable:
+            done, value = worker.inline.run(program)
+            if worker.inline.checkpoint_due():
+                worker.post(worker.checkpoint)
+            if done:
+                return value  # type: ignore[no-any-return]
+            program = value
+        rest = program
+        return await worker.submit(lambda: worker.cache.run(rest))
 
     async def close(self) -> None:
         """Stop the worker (its connections closed first), then close as the parent does."""

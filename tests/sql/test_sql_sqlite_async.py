@@ -1,6 +1,7 @@
-"""The async SQLite store on a database file runs its programs on one worker thread with the
-sync store's ``sqlite3`` cursors (:mod:`idem_sql.sqlite_aio`): the event loop never waits on
-a locked database, errors are translated as elsewhere, and closing (or abandoning) the store
+"""The async SQLite store on a database file runs its programs with the sync store's
+``sqlite3`` cursors (:mod:`idem_sql.sqlite_aio`), short ones on the loop's thread unless the
+database is locked, the rest on one worker thread: the event loop never waits on a locked
+database, errors are translated as elsewhere, and closing (or abandoning) the store
 leaves no thread, no connection and no warning behind."""
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'async.db'}"
 
 
-def test_programs_run_on_the_stores_worker_thread(url: str) -> None:
-    threads: list[str] = []
+def test_short_calls_run_inline_and_the_rest_on_the_worker(url: str) -> None:
+    """Claims, completions and reads run on the loop's thread (the database is not locked);
+    a batch of claims runs on the store's worker thread."""
+    seen: list[tuple[str, str]] = []
 
     async def main() -> None:
         store = open_async_store(url)
@@ -55,7 +58,7 @@ def test_programs_run_on_the_stores_worker_thread(url: str) -> None:
             store._worker.engine,
             "connect",
             lambda conn, _rec: conn.set_trace_callback(
-                lambda _sql: threads.append(threading.current_thread().name)
+                lambda sql: seen.append((threading.current_thread().name, sql))
             ),
         )
         await store.setup()
@@ -63,21 +66,24 @@ def test_programs_run_on_the_stores_worker_thread(url: str) -> None:
         assert first.outcome is ClaimOutcome.CLAIMED
         done = await store.complete(first.record.key, first.fence, b"r", 60)
         assert (await store.get(first.record.key)) == done
+        short = {name for name, sql in seen if not sql.startswith("PRAGMA")}
+        assert short == {threading.current_thread().name}
+        seen.clear()
         results = await store.claim_many([req() for _ in range(5)])
         assert [r.outcome for r in results] == [ClaimOutcome.CLAIMED] * 5
+        assert {name for name, _ in seen} == {WORKER_NAME}
         await store.close()
 
     asyncio.run(main())
-    assert len(threads) >= 4
-    assert set(threads) == {WORKER_NAME}
 
 
 def test_close_leaves_no_thread_connection_or_warning(url: str) -> None:
     async def main() -> None:
         store = open_async_store(url)
         for _ in range(2):  # closing is not final: the next call starts a worker again
-            held = await store.claim(req())
+            held = await store.claim(req())  # inline
             await store.release(held.record.key, held.fence)
+            await store.claim_many([req(), req()])  # on the worker
             assert len(workers()) == 1
             await store.close()
             assert workers() == []
@@ -97,6 +103,7 @@ def test_an_abandoned_store_stops_its_worker(url: str) -> None:
     async def main() -> None:
         store = open_async_store(url)
         await store.claim(req())
+        await store.claim_many([req(), req()])
         stores.append(store)
 
     with warnings.catch_warnings(record=True) as caught:
@@ -136,6 +143,9 @@ def test_a_locked_database_never_blocks_the_loop(url: str) -> None:
         claim = asyncio.create_task(store.claim(req()))
         await asyncio.sleep(0.3)
         assert not claim.done()  # waiting for the lock, on the worker
+        started = time.monotonic()
+        assert await store.get(f"sa-{uuid.uuid4().hex}") is None  # a read: not locked out
+        assert time.monotonic() - started < 0.2
         assert (await claim).outcome is ClaimOutcome.CLAIMED
         ticker.cancel()
         holder.close()
@@ -168,17 +178,19 @@ def test_a_cancelled_call_leaves_the_worker_usable(url: str) -> None:
         store = open_async_store(url)
         await store.setup()
         holder = _lock(url.removeprefix("sqlite:///"))
-        key = f"sa-{uuid.uuid4().hex}"
-        claim = asyncio.create_task(store.claim(req(key)))
+        lost = req()
+        claim = asyncio.create_task(store.claim(lost))
         await asyncio.sleep(0.1)
         claim.cancel()
         with pytest.raises(asyncio.CancelledError):
             await claim
         holder.commit()
         holder.close()
-        # The worker finished the cancelled claim (a lost reply, as the model allows).
-        again = await store.claim(req(key))
-        assert again.outcome is ClaimOutcome.IN_PROGRESS
+        # The worker runs jobs in order: once this batch is done, so is the cancelled claim,
+        # which the worker finished (a lost reply, as the model allows).
+        await store.claim_many([req(), req()])
+        record = await store.get(lost.key)
+        assert record is not None and record.attempt == lost.attempt
         assert (await store.claim(req())).outcome is ClaimOutcome.CLAIMED
         await store.close()
         assert workers() == []
@@ -199,7 +211,9 @@ def test_an_in_memory_database_keeps_aiosqlite() -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
 def test_a_forked_child_starts_its_own_worker(url: str) -> None:
     async def use(store: Any) -> ClaimOutcome:
-        return (await store.claim(req())).outcome
+        outcomes = {r.outcome for r in await store.claim_many([req(), req()])}  # the worker
+        outcomes.add((await store.claim(req())).outcome)  # inline
+        return outcomes.pop() if len(outcomes) == 1 else ClaimOutcome.MISMATCH
 
     store = open_async_store(url)
     assert asyncio.run(use(store)) is ClaimOutcome.CLAIMED
@@ -221,3 +235,63 @@ def test_a_forked_child_starts_its_own_worker(url: str) -> None:
 
     asyncio.run(close())
     assert workers() == []
+
+
+def test_a_program_locked_out_midway_finishes_on_the_worker(url: str) -> None:
+    """A takeover of a key the store claimed before reads (inline: readers are never locked
+    out in WAL mode), then writes: locked, the write and the rest go to the worker."""
+    seen: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        store = open_async_store(url)
+        event.listen(
+            store._worker.engine,
+            "connect",
+            lambda conn, _rec: conn.set_trace_callback(
+                lambda sql: seen.append((threading.current_thread().name, sql.split()[0]))
+            ),
+        )
+        key = f"sa-{uuid.uuid4().hex}"
+        lapsing = ClaimRequest(key=key, fingerprint="fp", attempt="a1", lease=0.05, ttl=60)
+        assert (await store.claim(lapsing)).outcome is ClaimOutcome.CLAIMED
+        await asyncio.sleep(0.1)
+        holder = _lock(url.removeprefix("sqlite:///"))
+        seen.clear()
+        claim = asyncio.create_task(store.claim(req(key)))
+        await asyncio.sleep(0.2)
+        assert not claim.done()
+        holder.commit()
+        holder.close()
+        assert (await claim).outcome is ClaimOutcome.TOOK_OVER
+        loop_thread = threading.current_thread().name
+        # The inline write found the lock; the worker ran it again, and not the read.
+        assert seen == [(loop_thread, "SELECT"), (loop_thread, "UPDATE"), (WORKER_NAME, "UPDATE")]
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_the_worker_checkpoints_for_the_inline_connection(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from idem_sql import sqlite_aio
+
+    monkeypatch.setattr(sqlite_aio, "_CHECKPOINT_EVERY", 5)
+    checkpoints: list[str] = []
+    original = sqlite_aio._Worker.checkpoint
+
+    def counted(self: Any) -> None:
+        checkpoints.append(threading.current_thread().name)
+        original(self)
+
+    monkeypatch.setattr(sqlite_aio._Worker, "checkpoint", counted)
+
+    async def main() -> None:
+        store = open_async_store(url)
+        for _ in range(12):
+            await store.claim(req())
+        await store.claim_many([req(), req()])  # after the checkpoints, in the queue
+        await store.close()
+
+    asyncio.run(main())
+    assert checkpoints == [WORKER_NAME, WORKER_NAME]
