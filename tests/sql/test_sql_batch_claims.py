@@ -217,3 +217,39 @@ def test_fresh_connection_takeover(db: str, db_url: str) -> None:
         finally:
             theirs.close()
             engine.dispose()
+
+
+async def test_mariadb_async_statements(db: str, db_url: str) -> None:
+    """aiomysql (through SQLAlchemy's AsyncConnection): a first call takes 2 statements, a
+    replay 1, a batch of claims 2 whatever its size."""
+    if db != "mysql":
+        pytest.skip("MariaDB's statements")
+    from sqlalchemy import event
+
+    from idem_core.registry import open_async_store
+
+    store = open_async_store(db_url)
+    statements: list[str] = []
+    event.listen(
+        store.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _conn, _cur, sql, *_rest: statements.append(sql),
+    )
+    try:
+        await store.setup()
+        await store.now()
+        statements.clear()
+        key = f"batch-async-{uuid.uuid4().hex}"
+        held = await store.claim(req(key))
+        await store.complete(key, held.fence, b"done", 60)
+        assert len(statements) == 2, statements
+        statements.clear()
+        assert (await store.claim(req(key))).outcome is ClaimOutcome.COMPLETED
+        assert len(statements) == 1, statements
+        for n in (10, 100):
+            statements.clear()
+            results = await store.claim_many([req(f"batch-{uuid.uuid4().hex}") for _ in range(n)])
+            assert [r.outcome for r in results] == [ClaimOutcome.CLAIMED] * n
+            assert len(statements) == 2, statements
+    finally:
+        await store.close()
