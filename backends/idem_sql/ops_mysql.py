@@ -9,12 +9,13 @@ upsert whatever other sessions do.
 
 MariaDB 10.5+ has ``INSERT ... RETURNING``: the upsert hands back the row as it left it,
 and those variables, in the same round trip; a claim is one statement, whatever its
-outcome, and a batch of claims one multi-row upsert. Completing and renewing use the same
-form (``UPDATE`` has no ``RETURNING`` there): an upsert whose assignments apply only while
-the caller holds the fence, so the answer comes back with the write. MySQL 8 has no
-``RETURNING``: there a claim reads the row and the variables in a second statement, and a
-completion re-reads the row it updated. Which of the two a server gets is learnt once,
-from the version the dialect read when it connected.
+outcome, and a batch of claims one multi-row upsert. As on the other dialects, a claim of a
+key this store claimed before (likely a replay) reads it first, without the upsert's lock.
+Completing and renewing use the same form (``UPDATE`` has no ``RETURNING`` there): an
+upsert whose assignments apply only while the caller holds the fence, so the answer comes
+back with the write. MySQL 8 has no ``RETURNING``: there a claim reads the row and the
+variables in a second statement, and a completion re-reads the row it updated. Which of
+the two a server gets is learnt once, from the version the dialect read when it connected.
 """
 
 from __future__ import annotations
@@ -184,6 +185,12 @@ class MySQL(SQL):
     # -- programs ------------------------------------------------------------------------
 
     def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
+        if self._read_first(request.key, autocommit):
+            # Likely a replay: a plain read takes no row lock (the upsert would, even when
+            # it writes nothing), so concurrent replays of one key do not queue.
+            found = yield from self._found_first(request)
+            if found is not None:
+                return found
         params = _claim_params(request)
         returning = self.insert_returning()
         for _ in range(_MAX_RACES):
