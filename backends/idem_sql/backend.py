@@ -373,6 +373,46 @@ def _sqlite_pragmas(engine: Any, busy_ms: int) -> None:
             cursor.close()
 
 
+def _mysql_session(engine: Any) -> None:
+    """Define the session variables a MariaDB claim reads back (:mod:`idem_sql.ops_mysql`)
+    once per connection, so that no claim has to ask for them in a second statement."""
+    from sqlalchemy import event
+
+    from .ops_mysql import DEFINE
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(DEFINE)
+        finally:
+            cursor.close()
+
+
+def _threaded_sqlite(
+    engine: Any, sa_url: URL, args: dict[str, Any], opts: dict[str, Any], sql: Any
+) -> AsyncSQLStore:
+    """The async SQLite store whose programs run on a thread with a sync engine on the same
+    file (:mod:`idem_sql.sqlite_aio`)."""
+    from sqlalchemy import create_engine
+
+    from .caches import own
+    from .sqlite_aio import AsyncSQLiteStore
+
+    runner = create_engine(sa_url.set(drivername="sqlite+pysqlite"), **args)
+    _sqlite_pragmas(runner, opts.get("busy_timeout", 5000))
+    own(engine.sync_engine)
+    own(runner)
+    return AsyncSQLiteStore(
+        sql,
+        engine=engine,
+        owns_engine=True,
+        create=opts.get("create", True),
+        label="sqlite store",
+        runner=runner,
+    )
+
+
 class SQLBackend:
     """Opens :class:`~idem_sql.store.SQLStore` / :class:`~idem_sql.store.AsyncSQLStore`."""
 
@@ -429,6 +469,8 @@ class SQLBackend:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine, opts.get("busy_timeout", 5000))
+        elif database in ("mysql", "mariadb"):
+            _mysql_session(engine)
         elif engine.dialect.driver == "psycopg":
             _bound_psycopg(engine, opts["read_timeout"], asynchronous=False)
         own(engine)
@@ -464,12 +506,17 @@ class SQLBackend:
                 "client must be a sqlalchemy AsyncEngine or AsyncConnection, "
                 f"not {type(client).__name__}"
             )
+        args = _engine_args(database, sa_url, opts)
         try:
-            engine = create_async_engine(sa_url, **_engine_args(database, sa_url, opts))
+            engine = create_async_engine(sa_url, **args)
         except (ArgumentError, TypeError, ValueError) as exc:
             raise ConfigurationError(f"cannot open {url!r}: {exc}") from exc
         if database == "sqlite":
             _sqlite_pragmas(engine.sync_engine, opts.get("busy_timeout", 5000))
+            if "poolclass" not in args:  # a file, not one in-memory connection
+                return _threaded_sqlite(engine, sa_url, args, opts, sql_for(engine.dialect, table))
+        elif database in ("mysql", "mariadb"):
+            _mysql_session(engine.sync_engine)
         elif engine.dialect.driver == "psycopg":
             _bound_psycopg(engine.sync_engine, opts["read_timeout"], asynchronous=True)
         own(engine.sync_engine)

@@ -1,5 +1,8 @@
 """The SQL of each transition, per dialect, as driver-independent *programs*.
 
+This module holds what every dialect shares and PostgreSQL's statements; SQLite's are in
+:mod:`idem_sql.ops_sqlite`, MySQL's and MariaDB's in :mod:`idem_sql.ops_mysql`.
+
 A program is a generator that yields ``(statement, parameters)`` and is sent back the
 :class:`Rows` each statement produced; its return value is the operation's result. The sync
 and async stores run the same programs, so the SQL and its interpretation are written once.
@@ -27,7 +30,7 @@ from sqlalchemy.sql.elements import TextClause
 
 from idem_core import machine
 from idem_core.errors import CorruptRecord, StoreUnavailable
-from idem_core.record import ClaimOutcome, ClaimRequest, ClaimResult, Record, Status, micros
+from idem_core.record import ClaimRequest, ClaimResult, Record, Status, micros
 
 from .schema import COLUMNS, check_identifier
 
@@ -50,7 +53,8 @@ Compiled = tuple[str, Callable[[dict[str, Any]], Any], bool]
 # A claim that loses a race re-reads and decides again; more than this means something is
 # rewriting the key in a tight loop.
 _MAX_RACES = 16
-# Requests per multi-row claim statement (SQLite allows 32766 parameters, 5 per request).
+# Requests per multi-row claim statement (SQLite allows 32766 parameters, 5 per request;
+# MySQL's max_allowed_packet is at least 4 MiB, and a request is a few hundred bytes).
 _BATCH = 500
 # Keys a SQLite store remembers having claimed (a hint only: forgetting costs a statement).
 _SEEN = 4096
@@ -480,211 +484,17 @@ class PostgresSQL(SQL):
         return results
 
 
-class SQLiteSQL(SQL):
-    """SQLite has no data-modifying CTEs, so a claim is a short sequence of statements.
-
-    1. Insert, or overwrite an expired or released record (both are plain CLAIMED): one
-       statement for a first claim.
-    2. Nothing written: read the record. Not takeable: that is the answer (a replay writes
-       nothing).
-    3. Takeable (a lapsed lease): overwrite it only if it is still the version just read.
-    """
-
-    def now_sql(self) -> str:
-        return "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)"
-
-    def greatest(self, a: str, b: str) -> str:
-        return f"max({a}, {b})"
-
-    def __init__(self, dialect: Dialect, table: str) -> None:
-        super().__init__(dialect, table)
-        c, t, now = self.c, self.t, self.now
-        values = (
-            f"(:key, '{_IN_PROGRESS}', :fingerprint, {now}, {now} + :lease, {now} + :life, "
-            f":attempt, {now}, {now}, NULL)"
-        )
-        self._batches: dict[int, TextClause] = {}
-        self._claim_sql = (
-            f"INSERT INTO {t} ({self.cols}) VALUES :values "
-            f"ON CONFLICT ({c['key']}) DO UPDATE SET status = excluded.status, "
-            "fingerprint = excluded.fingerprint, fence = max(excluded.fence, fence + 1), "
-            "lease_expires_at = excluded.lease_expires_at, expires_at = excluded.expires_at, "
-            "attempt = excluded.attempt, created_at = excluded.created_at, "
-            "updated_at = excluded.updated_at, result = NULL "
-            f"WHERE expires_at <= excluded.created_at OR "
-            f"(status = '{_IN_PROGRESS}' AND lease_expires_at = 0) RETURNING {self.cols}"
-        )
-        self.stmt_claim = self._text(self._claim_sql.replace(":values", values))
-        self.stmt_take = self._text(
-            f"UPDATE {t} SET status = '{_IN_PROGRESS}', fingerprint = :fingerprint, "
-            f"fence = max({now}, fence + 1), lease_expires_at = {now} + :lease, "
-            f"expires_at = {now} + :life, attempt = :attempt, created_at = {now}, "
-            f"updated_at = {now}, result = NULL WHERE {c['key']} = :key "
-            "AND fence = :old_fence AND status = :old_status "
-            "AND lease_expires_at = :old_lease AND expires_at = :old_expires "
-            f"AND (expires_at <= {now} OR (status = '{_IN_PROGRESS}' "
-            f"AND lease_expires_at <= {now})) RETURNING {self.cols}"
-        )
-
-    def _batch_claim(self, n: int) -> TextClause:
-        """One upsert for ``n`` requests (``key_0``, ``fingerprint_0``, ... parameters)."""
-        if (stmt := self._batches.get(n)) is not None:
-            return stmt
-        now = self.now
-        values = ", ".join(
-            f"(:key_{i}, '{_IN_PROGRESS}', :fingerprint_{i}, {now}, {now} + :lease_{i}, "
-            f"{now} + :life_{i}, :attempt_{i}, {now}, {now}, NULL)"
-            for i in range(n)
-        )
-        stmt = text(self._claim_sql.replace(":values", values)).bindparams(
-            *(
-                bindparam(f"{name}_{i}", type_=_PARAM_TYPES[name])
-                for i in range(n)
-                for name in ("key", "fingerprint", "attempt", "lease", "life")
-            )
-        )
-        self._batches[n] = stmt
-        return stmt
-
-    def claim_many(self, requests: Sequence[ClaimRequest]) -> Program[list[ClaimResult]]:
-        results: list[ClaimResult] = []
-        for start in range(0, len(requests), _BATCH):
-            chunk = requests[start : start + _BATCH]
-            params = {
-                f"{name}_{i}": value
-                for i, request in enumerate(chunk)
-                for name, value in _claim_params(request).items()
-            }
-            rows = (yield self._batch_claim(len(chunk)), params).rows
-            # A key twice in one batch: the first request inserts, the second finds it.
-            won = {(r.key, r.attempt): r for r in map(decode, rows)}
-            for request in chunk:
-                record = won.pop((request.key, request.attempt), None)
-                if record is not None:
-                    results.append(ClaimResult(ClaimOutcome.CLAIMED, record))
-                else:
-                    results.append((yield from self._claim(request, inserted=False)))
-        return results
-
-    def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
-        read_first = self._read_first(request.key, autocommit)
-        return (yield from self._claim(request, inserted=not read_first))
-
-    def _claim(self, request: ClaimRequest, *, inserted: bool) -> Program[ClaimResult]:
-        params = _claim_params(request)
-        for _ in range(_MAX_RACES):
-            if inserted:
-                rows = (yield self.stmt_claim, params).rows
-                if rows:
-                    return ClaimResult(ClaimOutcome.CLAIMED, decode(rows[0]))
-            inserted = True
-            current, now = yield from self.read(request.key)
-            if current is None:
-                continue
-            if (found := _found(request, current, now)) is not None:
-                return found
-            taken = (
-                yield (
-                    self.stmt_take,
-                    {
-                        **params,
-                        "old_fence": current.fence,
-                        "old_status": current.status.value,
-                        "old_lease": current.lease_expires_at,
-                        "old_expires": current.expires_at,
-                    },
-                )
-            ).rows
-            if taken:
-                return _written(request, decode(taken[0]), current)
-        raise self._gave_up(request.key)
-
-
-class MySQL(SQL):
-    """MySQL and MariaDB: an upsert that notes what it replaced in session variables, then
-    one read of the row and those variables: two round trips, whatever the outcome.
-
-    ``@idem_take`` is 2 when the row was inserted, 1 when a takeable row was overwritten,
-    0 when nothing was written; ``@idem_old`` holds the overwritten row's status, fence,
-    lease and expiry. Session variables belong to the connection, so they describe this
-    claim's upsert even if another session changes the row before the read.
-    """
-
-    returning = False
-
-    def now_sql(self) -> str:
-        return "CAST(ROUND(@@timestamp * 1000000) AS SIGNED)"
-
-    def result_sql(self) -> str:
-        # aiomysql 0.3 cannot escape bytes with PyMySQL >= 1.1 (it imports a placeholder
-        # from pymysql.converters); hex text goes through every driver.
-        return "UNHEX(:result_hex)" if self.dialect.driver == "aiomysql" else ":result"
-
-    def result_param(self, result: bytes) -> dict[str, Any]:
-        if self.dialect.driver == "aiomysql":
-            return {"result_hex": result.hex()}
-        return {"result": result}
-
-    def purge_sql(self) -> str:
-        return (
-            f"DELETE FROM {self.t} WHERE expires_at <= {self.now} ORDER BY expires_at LIMIT :batch"
-        )
-
-    def __init__(self, dialect: Dialect, table: str) -> None:
-        super().__init__(dialect, table)
-        c, t, now = self.c, self.t, self.now
-        take = (
-            "(expires_at <= VALUES(created_at) OR "
-            f"(status = '{_IN_PROGRESS}' AND lease_expires_at <= VALUES(created_at)))"
-        )
-        # Assignments run left to right and see earlier ones, so fence goes first: it is
-        # the one that reads the old status, lease and expiry.
-        sets = [
-            "fence = IF((@idem_old := CONCAT_WS(',', status, fence, lease_expires_at, "
-            f"expires_at)) IS NOT NULL AND (@idem_take := {take}), "
-            "GREATEST(VALUES(fence), fence + 1), fence)"
-        ]
-        for name in COLUMNS[1:]:
-            if name != "fence":
-                col = c[name]
-                sets.append(f"{col} = IF(@idem_take, VALUES({col}), {col})")
-        self.stmt_claim = self._text(
-            f"INSERT INTO {t} ({self.cols}) VALUES (:key, "
-            f"IF((@idem_take := 2) = 0, NULL, '{_IN_PROGRESS}'), :fingerprint, {now}, "
-            f"{now} + :lease, {now} + :life, :attempt, {now}, {now}, NULL) "
-            f"ON DUPLICATE KEY UPDATE {', '.join(sets)}"
-        )
-        self.stmt_claimed = self._text(
-            f"SELECT @idem_take, @idem_old, {self.cols}, {now} FROM {t} WHERE {c['key']} = :key"
-        )
-
-    def claim(self, request: ClaimRequest, *, autocommit: bool = False) -> Program[ClaimResult]:
-        params = _claim_params(request)
-        for _ in range(_MAX_RACES):
-            yield self.stmt_claim, params
-            rows = (yield self.stmt_claimed, {"key": request.key}).rows
-            if not rows:
-                continue
-            take, old, *columns = rows[0]
-            record, now = decode(columns[:10]), int(columns[10])
-            ours = record.attempt == request.attempt and record.status is Status.IN_PROGRESS
-            if ours and take is not None and int(take) == 2:
-                return ClaimResult(ClaimOutcome.CLAIMED, record)
-            if ours and take is not None and int(take) == 1:
-                if isinstance(old, bytes | bytearray):
-                    old = bytes(old).decode()
-                return _written(request, record, _previous(record, *str(old).split(",")))
-            if (found := _found(request, record, now)) is not None:
-                return found
-        raise self._gave_up(request.key)
-
-
 def sql_for(dialect: Dialect, table: str) -> SQL:
     name = dialect.name
     if name == "postgresql":
         return PostgresSQL(dialect, table)
+    # The other dialects live in modules of their own, which build on this one.
     if name == "sqlite":
+        from .ops_sqlite import SQLiteSQL
+
         return SQLiteSQL(dialect, table)
     if name in ("mysql", "mariadb"):
+        from .ops_mysql import MySQL
+
         return MySQL(dialect, table)
     raise StoreUnavailable(f"idem_sql does not support the {name!r} dialect")

@@ -40,3 +40,22 @@ class TestAsyncSQLStore(AsyncStoreSuite):
         assert store.engine.sync_engine.pool.checkedout() == store.idle_connections, "a leak"
         await store.close()
         assert watch.out == 0, "close() kept a connection"
+
+
+class TestMySQL8Statements(StoreSuite):
+    """MariaDB made to take MySQL 8's statements (no ``INSERT ... RETURNING``: a claim reads
+    back what its upsert did); child processes in the process race take MariaDB's."""
+
+    @pytest.fixture
+    def store_url(self, db_url: str) -> str:
+        return db_url
+
+    @pytest.fixture
+    def store(self, db: str, db_url: str) -> Iterator[Any]:
+        if db != "mysql":
+            pytest.skip("MySQL 8's statements are for MySQL/MariaDB")
+        store = open_store(db_url)
+        store.sql._has_returning = False
+        watch = PoolWatch(store.engine)
+        yield store
+        assert_no_leak(store, watch)
