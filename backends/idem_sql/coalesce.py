@@ -1,0 +1,284 @@
+"""Coalescing on PostgreSQL (psycopg 3): concurrent operations of one store share round trips.
+
+The hot operations (claim, complete, release, renew, get) of a store on an engine go through
+:class:`~idem_core.coalesce.Batcher` (threads) or :class:`~idem_core.coalesce.AsyncBatcher`
+(one event loop). An operation issued while another is in flight waits for it to end; then
+everything that queued meanwhile runs in one flush: the programs of :mod:`idem_sql.ops` in
+lockstep on one connection in psycopg's pipeline mode. Each *round* sends the next statement
+of every unfinished program, then one Sync: one round trip for all of them (a first call's
+claim, or its completion, is one statement, so a flush is usually one round). An operation
+alone (concurrency 1) takes the plain path, with no pipeline.
+
+A round is one implicit transaction on the server (statements up to a Sync): one commit, so
+one WAL flush, for the whole round, which is where most of the gain is. Two consequences:
+
+* Each statement of a round touches one row (its ``key``), and a round sends its statements
+  sorted by key: two rounds on two connections (another process, say) take their row locks
+  in the same order and cannot deadlock each other.
+* A statement that fails aborts the round (PostgreSQL skips the rest until the Sync, and
+  rolls back what ran). The round is then sent again one statement at a time, so each
+  operation gets its own outcome: a failure of its own stays its own.
+
+A connection-level failure (the connection dropped, the read timeout expired: the connection
+is closed and invalidated, never pooled again) fails every operation of the flush with the
+same ``DBAPIError``; each caller's store translates it at its one translation point
+(``_run``, :mod:`idem_sql.errors`), as if it had run alone. Like any lost reply, statements
+already sent may have taken effect; every program is safe to run again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from idem_core.coalesce import AsyncBatcher, Batcher
+
+from .caches import AsyncConnectionCache, ConnectionCache, _Entry, _shielded
+from .ops import SQL, Program, Rows
+
+T = TypeVar("T")
+
+#: operations per flush; more wait for the next one
+MAX_BATCH = 256
+#: flushes in flight at once per store (each on its own connection)
+FLIGHTS = 1
+
+_CURSORS = "idem_sql.coalesce.cursors"
+# (operation index, SQL, driver parameters, whether it returns rows)
+_Sent = tuple[int, str, Any, bool]
+
+
+def coalesces(sql: SQL) -> bool:
+    """Whether a store on an engine with this SQL coalesces: psycopg 3 only (pipeline mode);
+    other drivers keep one round trip per statement."""
+    dialect = sql.dialect
+    return dialect.name == "postgresql" and dialect.driver == "psycopg"
+
+
+class _Lockstep:
+    """N programs advanced side by side (the decisions both flushes share; no I/O)."""
+
+    def __init__(self, programs: Sequence[Program[Any]], sql: SQL) -> None:
+        self._programs = programs
+        self._compiled = sql.compiled
+        self.outcomes: list[Any] = [None] * len(programs)
+        self._pending: list[tuple[int, Any]] = []
+        for i in range(len(programs)):
+            self._advance(i, None)
+
+    def _advance(self, i: int, rows: Rows | None) -> None:
+        program = self._programs[i]
+        try:
+            step = next(program) if rows is None else program.send(rows)
+        except StopIteration as stop:
+            self.outcomes[i] = stop.value
+        except Exception as exc:  # the operation's own answer (LeaseLost, CorruptRecord...)
+            self.outcomes[i] = exc
+        else:
+            self._pending.append((i, step))
+
+    def round(self) -> list[_Sent]:
+        """The next statement of every unfinished program, sorted by key (lock order)."""
+        pending, self._pending = self._pending, []
+        pending.sort(key=lambda item: str(item[1][1].get("key", "")))
+        sent: list[_Sent] = []
+        for i, (stmt, params) in pending:
+            sql, layout, returns_rows = self._compiled(stmt)
+            sent.append((i, sql, layout(params), returns_rows))
+        return sent
+
+    def answer(self, sent: list[_Sent], outcomes: Sequence[Rows | Exception]) -> None:
+        """Each statement's rows to its program, or its failure as the operation's outcome."""
+        for (i, _, _, _), outcome in zip(sent, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self.outcomes[i] = outcome
+                self._programs[i].close()
+            else:
+                self._advance(i, outcome)
+
+
+def _cursors(entry: _Entry, n: int) -> list[Any]:
+    """At least ``n`` cursors of the entry's connection, one per statement of a round. They
+    live in the pool's record of the connection (``info``), which forgets them with it."""
+    record = entry[0]
+    cursors: list[Any] = record.info.setdefault(_CURSORS, [])
+    while len(cursors) < n:
+        cursors.append(_driver(entry).cursor())
+    return cursors
+
+
+class Coalescer:
+    """The sync store's hot operations, coalesced over its :class:`ConnectionCache`."""
+
+    def __init__(
+        self, cache: ConnectionCache, *, max_batch: int = MAX_BATCH, flights: int = FLIGHTS
+    ) -> None:
+        self._cache = cache
+        self._batcher: Batcher[Program[Any], Any] = Batcher(
+            self._flush, max_batch=max_batch, flights=flights
+        )
+        #: flushes that carried more than one operation (diagnostics, tests)
+        self.batches = 0
+
+    def run(self, program: Program[T]) -> T:
+        result: T = self._batcher.submit(program)
+        return result
+
+    def _flush(self, programs: Sequence[Program[Any]]) -> list[Any]:
+        cache = self._cache
+        if len(programs) == 1:
+            # Alone: the plain path (no pipeline), as without coalescing.
+            return [cache.run(programs[0])]
+        self.batches += 1
+        lockstep = _Lockstep(programs, cache.sql)
+        entry = cache.checkout()
+        in_driver = False
+        sent: list[_Sent] = []
+        try:
+            while sent := lockstep.round():
+                in_driver = True
+                outcomes = self._send(entry, sent)
+                in_driver = False
+                lockstep.answer(sent, outcomes)
+        except cache.dbapi_error as exc:
+            raise self._lost(entry, exc, sent) from exc
+        except BaseException:
+            if in_driver:
+                entry[0].invalidate()  # interrupted inside the driver: state unknown
+            else:
+                cache._put_back(entry)
+            raise
+        cache._put_back(entry)
+        return lockstep.outcomes
+
+    def _send(self, entry: _Entry, sent: list[_Sent]) -> list[Rows | Exception]:
+        """One round in one round trip; a round a statement aborted, one by one."""
+        conn = _driver(entry)
+        cursors = _cursors(entry, len(sent))
+        try:
+            with conn.pipeline():
+                for cursor, (_, sql, args, _) in zip(cursors, sent, strict=False):
+                    cursor.execute(sql, args)
+            return [
+                Rows(cursor.fetchall() if rows else [], cursor.rowcount)
+                for cursor, (_, _, _, rows) in zip(cursors, sent, strict=False)
+            ]
+        except self._cache.dbapi_error as exc:
+            if self._cache._error(entry, exc, "", None).connection_invalidated:
+                raise
+        return [self._alone(entry, sql, args, rows) for _, sql, args, rows in sent]
+
+    def _alone(self, entry: _Entry, sql: str, args: Any, returns_rows: bool) -> Rows | Exception:
+        cursor = entry[1]
+        try:
+            cursor.execute(sql, args)
+            return Rows(cursor.fetchall() if returns_rows else [], cursor.rowcount)
+        except self._cache.dbapi_error as exc:
+            error = self._cache._error(entry, exc, sql, args)
+            if error.connection_invalidated:
+                raise
+            error.__cause__ = exc
+            return error
+
+    def _lost(self, entry: _Entry, exc: Exception, sent: list[_Sent]) -> Exception:
+        """The connection failed under the flush: every operation of it fails alike."""
+        sql = sent[0][1] if sent else ""
+        error = self._cache._error(entry, exc, f"pipeline of {len(sent)}: {sql}", None)
+        if error.connection_invalidated:
+            self._cache._invalidate(entry, exc)
+        else:
+            self._cache._put_back(entry)
+        return error
+
+
+class AsyncCoalescer:
+    """The twin of :class:`Coalescer`, on an :class:`AsyncConnectionCache`."""
+
+    def __init__(
+        self, cache: AsyncConnectionCache, *, max_batch: int = MAX_BATCH, flights: int = FLIGHTS
+    ) -> None:
+        self._cache = cache
+        self._batcher: AsyncBatcher[Program[Any], Any] = AsyncBatcher(
+            self._flush, max_batch=max_batch, flights=flights
+        )
+        self.batches = 0
+
+    async def run(self, program: Program[T]) -> T:
+        result: T = await self._batcher.submit(program)
+        return result
+
+    async def _flush(self, programs: Sequence[Program[Any]]) -> list[Any]:
+        cache = self._cache
+        if len(programs) == 1:
+            return [await cache.run(programs[0])]
+        self.batches += 1
+        lockstep = _Lockstep(programs, cache.sql)
+        entry = await cache.checkout()
+        in_driver = False
+        sent: list[_Sent] = []
+        try:
+            while sent := lockstep.round():
+                in_driver = True
+                outcomes = await self._send(entry, sent)
+                in_driver = False
+                lockstep.answer(sent, outcomes)
+        except cache.dbapi_error as exc:
+            raise await self._lost(entry, exc, sent) from exc
+        except BaseException:
+            if in_driver:
+                await _shielded(_greenlet_invalidate(entry))
+            else:
+                await cache._put_back(entry)
+            raise
+        await cache._put_back(entry)
+        return lockstep.outcomes
+
+    async def _send(self, entry: _Entry, sent: list[_Sent]) -> list[Rows | Exception]:
+        conn = _driver(entry)
+        cursors = _cursors(entry, len(sent))
+        try:
+            async with conn.pipeline():
+                for cursor, (_, sql, args, _) in zip(cursors, sent, strict=False):
+                    await cursor.execute(sql, args)
+            return [
+                Rows(await cursor.fetchall() if rows else [], cursor.rowcount)
+                for cursor, (_, _, _, rows) in zip(cursors, sent, strict=False)
+            ]
+        except self._cache.dbapi_error as exc:
+            if self._cache._error(entry, exc, "", None).connection_invalidated:
+                raise
+        return [await self._alone(entry, sql, args, rows) for _, sql, args, rows in sent]
+
+    async def _alone(
+        self, entry: _Entry, sql: str, args: Any, returns_rows: bool
+    ) -> Rows | Exception:
+        cursor = entry[1]
+        try:
+            await cursor.execute(sql, args)
+            return Rows(await cursor.fetchall() if returns_rows else [], cursor.rowcount)
+        except self._cache.dbapi_error as exc:
+            error = self._cache._error(entry, exc, sql, args)
+            if error.connection_invalidated:
+                raise
+            error.__cause__ = exc
+            return error
+
+    async def _lost(self, entry: _Entry, exc: Exception, sent: list[_Sent]) -> Exception:
+        sql = sent[0][1] if sent else ""
+        error = self._cache._error(entry, exc, f"pipeline of {len(sent)}: {sql}", None)
+        if error.connection_invalidated:
+            await self._cache._invalidate(entry, exc)
+        else:
+            await self._cache._put_back(entry)
+        return error
+
+
+def _driver(entry: _Entry) -> Any:
+    """The psycopg connection under the pool's proxy."""
+    return entry[0].driver_connection
+
+
+async def _greenlet_invalidate(entry: _Entry) -> None:
+    from sqlalchemy.util import greenlet_spawn
+
+    await greenlet_spawn(entry[0].invalidate)
