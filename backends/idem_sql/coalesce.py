@@ -29,7 +29,7 @@ already sent may have taken effect; every program is safe to run again.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from idem_core.coalesce import AsyncBatcher, Batcher
 
@@ -41,11 +41,17 @@ T = TypeVar("T")
 #: operations per flush; more wait for the next one
 MAX_BATCH = 256
 #: flushes in flight at once per store (each on its own connection)
-FLIGHTS = 1
+FLIGHTS = int(__import__("os").environ.get("SQLPG_FLIGHTS", "1"))
 
 _CURSORS = "idem_sql.coalesce.cursors"
-# (operation index, SQL, driver parameters, whether it returns rows)
-_Sent = tuple[int, str, Any, bool]
+# the multi-row claim's array parameters, from the single claim's parameters
+_CLAIM_ARRAYS = (
+    ("keys", "key"),
+    ("fingerprints", "fingerprint"),
+    ("attempts", "attempt"),
+    ("leases", "lease"),
+    ("lives", "life"),
+)
 
 
 def coalesces(sql: SQL) -> bool:
@@ -55,12 +61,31 @@ def coalesces(sql: SQL) -> bool:
     return dialect.name == "postgresql" and dialect.driver == "psycopg"
 
 
+class _Sent(NamedTuple):
+    """One statement of a round and the operations it answers."""
+
+    ops: list[int]
+    #: for a claim statement shared by several operations: each one's key (rows by key)
+    keys: list[str] | None
+    sql: str
+    args: Any
+    returns_rows: bool
+
+
 class _Lockstep:
-    """N programs advanced side by side (the decisions both flushes share; no I/O)."""
+    """N programs advanced side by side (the decisions both flushes share; no I/O).
+
+    Claims of distinct keys in a round share one statement, the store's multi-row claim
+    (``stmt_claim_many``): its rows say, per key, what the single claim would have said, and
+    a key without a row (a race lost to a concurrent insert) makes that claim run again, as
+    its own program does when the single statement returns nothing.
+    """
 
     def __init__(self, programs: Sequence[Program[Any]], sql: SQL) -> None:
         self._programs = programs
         self._compiled = sql.compiled
+        self._claim: Any = getattr(sql, "stmt_claim", None)
+        self._claim_many = getattr(sql, "stmt_claim_many", None)
         self.outcomes: list[Any] = [None] * len(programs)
         self._pending: list[tuple[int, Any]] = []
         for i in range(len(programs)):
@@ -82,19 +107,39 @@ class _Lockstep:
         pending, self._pending = self._pending, []
         pending.sort(key=lambda item: str(item[1][1].get("key", "")))
         sent: list[_Sent] = []
+        claims: dict[str, tuple[int, dict[str, Any]]] = {}
         for i, (stmt, params) in pending:
+            if stmt is self._claim and params["key"] not in claims:
+                claims[params["key"]] = (i, params)
+                continue
             sql, layout, returns_rows = self._compiled(stmt)
-            sent.append((i, sql, layout(params), returns_rows))
-        return sent
+            sent.append(_Sent([i], None, sql, layout(params), returns_rows))
+        if len(claims) > 1 and self._claim_many is not None:
+            sql, layout, returns_rows = self._compiled(self._claim_many)
+            group = list(claims.values())
+            arrays = {name: [params[field] for _, params in group] for name, field in _CLAIM_ARRAYS}
+            ops = [i for i, _ in group]
+            return [_Sent(ops, list(claims), sql, layout(arrays), returns_rows), *sent]
+        alone = []
+        for i, params in claims.values():
+            sql, layout, returns_rows = self._compiled(self._claim)
+            alone.append(_Sent([i], None, sql, layout(params), returns_rows))
+        return alone + sent
 
     def answer(self, sent: list[_Sent], outcomes: Sequence[Rows | Exception]) -> None:
-        """Each statement's rows to its program, or its failure as the operation's outcome."""
-        for (i, _, _, _), outcome in zip(sent, outcomes, strict=True):
+        """Each statement's rows to its programs, or its failure as their outcome."""
+        for item, outcome in zip(sent, outcomes, strict=True):
             if isinstance(outcome, Exception):
-                self.outcomes[i] = outcome
-                self._programs[i].close()
+                for i in item.ops:
+                    self.outcomes[i] = outcome
+                    self._programs[i].close()
+            elif item.keys is None:
+                self._advance(item.ops[0], outcome)
             else:
-                self._advance(i, outcome)
+                by_key = {row[1]: row for row in outcome.rows}
+                for i, key in zip(item.ops, item.keys, strict=True):
+                    row = by_key.get(key)
+                    self._advance(i, Rows([row], 1) if row is not None else Rows([], 0))
 
 
 def _cursors(entry: _Entry, n: int) -> list[Any]:
@@ -157,24 +202,24 @@ class Coalescer:
         cursors = _cursors(entry, len(sent))
         try:
             with conn.pipeline():
-                for cursor, (_, sql, args, _) in zip(cursors, sent, strict=False):
-                    cursor.execute(sql, args)
+                for cursor, item in zip(cursors, sent, strict=False):
+                    cursor.execute(item.sql, item.args)
             return [
-                Rows(cursor.fetchall() if rows else [], cursor.rowcount)
-                for cursor, (_, _, _, rows) in zip(cursors, sent, strict=False)
+                Rows(cursor.fetchall() if item.returns_rows else [], cursor.rowcount)
+                for cursor, item in zip(cursors, sent, strict=False)
             ]
         except self._cache.dbapi_error as exc:
             if self._cache._error(entry, exc, "", None).connection_invalidated:
                 raise
-        return [self._alone(entry, sql, args, rows) for _, sql, args, rows in sent]
+        return [self._alone(entry, item) for item in sent]
 
-    def _alone(self, entry: _Entry, sql: str, args: Any, returns_rows: bool) -> Rows | Exception:
+    def _alone(self, entry: _Entry, item: _Sent) -> Rows | Exception:
         cursor = entry[1]
         try:
-            cursor.execute(sql, args)
-            return Rows(cursor.fetchall() if returns_rows else [], cursor.rowcount)
+            cursor.execute(item.sql, item.args)
+            return Rows(cursor.fetchall() if item.returns_rows else [], cursor.rowcount)
         except self._cache.dbapi_error as exc:
-            error = self._cache._error(entry, exc, sql, args)
+            error = self._cache._error(entry, exc, item.sql, item.args)
             if error.connection_invalidated:
                 raise
             error.__cause__ = exc
@@ -182,7 +227,7 @@ class Coalescer:
 
     def _lost(self, entry: _Entry, exc: Exception, sent: list[_Sent]) -> Exception:
         """The connection failed under the flush: every operation of it fails alike."""
-        sql = sent[0][1] if sent else ""
+        sql = sent[0].sql if sent else ""
         error = self._cache._error(entry, exc, f"pipeline of {len(sent)}: {sql}", None)
         if error.connection_invalidated:
             self._cache._invalidate(entry, exc)
@@ -238,33 +283,31 @@ class AsyncCoalescer:
         cursors = _cursors(entry, len(sent))
         try:
             async with conn.pipeline():
-                for cursor, (_, sql, args, _) in zip(cursors, sent, strict=False):
-                    await cursor.execute(sql, args)
+                for cursor, item in zip(cursors, sent, strict=False):
+                    await cursor.execute(item.sql, item.args)
             return [
-                Rows(await cursor.fetchall() if rows else [], cursor.rowcount)
-                for cursor, (_, _, _, rows) in zip(cursors, sent, strict=False)
+                Rows(await cursor.fetchall() if item.returns_rows else [], cursor.rowcount)
+                for cursor, item in zip(cursors, sent, strict=False)
             ]
         except self._cache.dbapi_error as exc:
             if self._cache._error(entry, exc, "", None).connection_invalidated:
                 raise
-        return [await self._alone(entry, sql, args, rows) for _, sql, args, rows in sent]
+        return [await self._alone(entry, item) for item in sent]
 
-    async def _alone(
-        self, entry: _Entry, sql: str, args: Any, returns_rows: bool
-    ) -> Rows | Exception:
+    async def _alone(self, entry: _Entry, item: _Sent) -> Rows | Exception:
         cursor = entry[1]
         try:
-            await cursor.execute(sql, args)
-            return Rows(await cursor.fetchall() if returns_rows else [], cursor.rowcount)
+            await cursor.execute(item.sql, item.args)
+            return Rows(await cursor.fetchall() if item.returns_rows else [], cursor.rowcount)
         except self._cache.dbapi_error as exc:
-            error = self._cache._error(entry, exc, sql, args)
+            error = self._cache._error(entry, exc, item.sql, item.args)
             if error.connection_invalidated:
                 raise
             error.__cause__ = exc
             return error
 
     async def _lost(self, entry: _Entry, exc: Exception, sent: list[_Sent]) -> Exception:
-        sql = sent[0][1] if sent else ""
+        sql = sent[0].sql if sent else ""
         error = self._cache._error(entry, exc, f"pipeline of {len(sent)}: {sql}", None)
         if error.connection_invalidated:
             await self._cache._invalidate(entry, exc)
