@@ -41,7 +41,7 @@ T = TypeVar("T")
 #: operations per flush; more wait for the next one
 MAX_BATCH = 256
 #: flushes in flight at once per store (each on its own connection)
-FLIGHTS = int(__import__("os").environ.get("SQLPG_FLIGHTS", "1"))
+FLIGHTS = 1
 
 _CURSORS = "idem_sql.coalesce.cursors"
 # the multi-row claim's array parameters, from the single claim's parameters
