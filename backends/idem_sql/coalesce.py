@@ -28,10 +28,16 @@ already sent may have taken effect; every program is safe to run again.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeVar
 
+from sqlalchemy import BigInteger, LargeBinary, String, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import TextClause
+
 from idem_core.coalesce import AsyncBatcher, Batcher
+from idem_core.record import Status
 
 from .caches import AsyncConnectionCache, ConnectionCache, _Entry, _shielded
 from .ops import SQL, Program, Rows
@@ -44,14 +50,61 @@ MAX_BATCH = 256
 FLIGHTS = 1
 
 _CURSORS = "idem_sql.coalesce.cursors"
-# the multi-row claim's array parameters, from the single claim's parameters
-_CLAIM_ARRAYS = (
-    ("keys", "key"),
-    ("fingerprints", "fingerprint"),
-    ("attempts", "attempt"),
-    ("leases", "lease"),
-    ("lives", "life"),
-)
+
+
+class _Shared(NamedTuple):
+    """A multi-row statement that answers many operations' single-row statement at once."""
+
+    stmt: TextClause
+    #: (array parameter, the single statement's parameter) pairs
+    arrays: tuple[tuple[str, str], ...]
+    #: where a returned row holds its key (how rows go back to operations)
+    key_at: int
+
+
+def _shared(sql: SQL) -> dict[TextClause, _Shared]:
+    """The statements that several operations of a round may share, for this table."""
+    found = _SHARED.get(sql)
+    if found is not None:
+        return found
+    found = {}
+    many = getattr(sql, "stmt_claim_many", None)
+    if many is not None:
+        claims = (
+            ("keys", "key"),
+            ("fingerprints", "fingerprint"),
+            ("attempts", "attempt"),
+            ("leases", "lease"),
+            ("lives", "life"),
+        )
+        found[sql.stmt_claim] = _Shared(many, claims, 1)  # type: ignore[attr-defined]
+        completes = (("keys", "key"), ("fences", "fence"), ("results", "result"), ("ttls", "ttl"))
+        found[sql.stmt_complete] = _Shared(_complete_many(sql), completes, 0)
+    _SHARED[sql] = found
+    return found
+
+
+def _complete_many(sql: SQL) -> TextClause:
+    """``stmt_complete`` (:mod:`idem_sql.ops`) for many keys: the same condition (the
+    caller's fence holds the record) and the same writes, per row of the arrays."""
+    c, t, now = sql.c, sql.t, sql.now
+    holds = sql.holds.replace(":key", "q.k").replace(":fence", "q.f")
+    returning = ", ".join(f"{t}.{col}" for col in c.values())
+    return text(
+        f"UPDATE {t} SET status = '{Status.COMPLETED.value}', result = q.res, "
+        f"expires_at = {now} + q.ttl, updated_at = {now} "
+        "FROM unnest(CAST(:keys AS VARCHAR[]), CAST(:fences AS BIGINT[]), "
+        "CAST(:results AS BYTEA[]), CAST(:ttls AS BIGINT[])) AS q(k, f, res, ttl) "
+        f"WHERE {holds} RETURNING {returning}"
+    ).bindparams(
+        bindparam("keys", type_=ARRAY(String())),
+        bindparam("fences", type_=ARRAY(BigInteger())),
+        bindparam("results", type_=ARRAY(LargeBinary())),
+        bindparam("ttls", type_=ARRAY(BigInteger())),
+    )
+
+
+_SHARED: weakref.WeakKeyDictionary[SQL, dict[TextClause, _Shared]] = weakref.WeakKeyDictionary()
 
 
 def coalesces(sql: SQL) -> bool:
@@ -65,8 +118,10 @@ class _Sent(NamedTuple):
     """One statement of a round and the operations it answers."""
 
     ops: list[int]
-    #: for a claim statement shared by several operations: each one's key (rows by key)
+    #: for a statement shared by several operations: each one's key (rows go by key)
     keys: list[str] | None
+    #: where a returned row holds its key
+    key_at: int
     sql: str
     args: Any
     returns_rows: bool
@@ -78,14 +133,15 @@ class _Lockstep:
     Claims of distinct keys in a round share one statement, the store's multi-row claim
     (``stmt_claim_many``): its rows say, per key, what the single claim would have said, and
     a key without a row (a race lost to a concurrent insert) makes that claim run again, as
-    its own program does when the single statement returns nothing.
+    its own program does when the single statement returns nothing. Completions of distinct
+    keys share one ``UPDATE ... FROM unnest(...)`` likewise: a key without a row reads the
+    record and decides, as after a single completion that wrote nothing.
     """
 
     def __init__(self, programs: Sequence[Program[Any]], sql: SQL) -> None:
         self._programs = programs
         self._compiled = sql.compiled
-        self._claim: Any = getattr(sql, "stmt_claim", None)
-        self._claim_many = getattr(sql, "stmt_claim_many", None)
+        self._shared = _shared(sql)
         self.outcomes: list[Any] = [None] * len(programs)
         self._pending: list[tuple[int, Any]] = []
         for i in range(len(programs)):
@@ -103,28 +159,36 @@ class _Lockstep:
             self._pending.append((i, step))
 
     def round(self) -> list[_Sent]:
-        """The next statement of every unfinished program, sorted by key (lock order)."""
+        """The next statement of every unfinished program, sorted by key (lock order);
+        statements of a kind several programs can share (distinct keys), shared."""
         pending, self._pending = self._pending, []
         pending.sort(key=lambda item: str(item[1][1].get("key", "")))
         sent: list[_Sent] = []
-        claims: dict[str, tuple[int, dict[str, Any]]] = {}
+        groups: dict[TextClause, dict[str, tuple[int, dict[str, Any]]]] = {}
         for i, (stmt, params) in pending:
-            if stmt is self._claim and params["key"] not in claims:
-                claims[params["key"]] = (i, params)
+            if stmt in self._shared:
+                group = groups.setdefault(stmt, {})
+                if params["key"] not in group:
+                    group[params["key"]] = (i, params)
+                    continue
+            sent.append(self._single(i, stmt, params))
+        shared: list[_Sent] = []
+        for stmt, group in groups.items():
+            if len(group) == 1:
+                ((i, params),) = group.values()
+                shared.append(self._single(i, stmt, params))
                 continue
-            sql, layout, returns_rows = self._compiled(stmt)
-            sent.append(_Sent([i], None, sql, layout(params), returns_rows))
-        if len(claims) > 1 and self._claim_many is not None:
-            sql, layout, returns_rows = self._compiled(self._claim_many)
-            group = list(claims.values())
-            arrays = {name: [params[field] for _, params in group] for name, field in _CLAIM_ARRAYS}
-            ops = [i for i, _ in group]
-            return [_Sent(ops, list(claims), sql, layout(arrays), returns_rows), *sent]
-        alone = []
-        for i, params in claims.values():
-            sql, layout, returns_rows = self._compiled(self._claim)
-            alone.append(_Sent([i], None, sql, layout(params), returns_rows))
-        return alone + sent
+            spec = self._shared[stmt]
+            sql, layout, returns_rows = self._compiled(spec.stmt)
+            rows = list(group.values())
+            arrays = {name: [params[field] for _, params in rows] for name, field in spec.arrays}
+            ops = [i for i, _ in rows]
+            shared.append(_Sent(ops, list(group), spec.key_at, sql, layout(arrays), returns_rows))
+        return shared + sent
+
+    def _single(self, i: int, stmt: TextClause, params: dict[str, Any]) -> _Sent:
+        sql, layout, returns_rows = self._compiled(stmt)
+        return _Sent([i], None, 0, sql, layout(params), returns_rows)
 
     def answer(self, sent: list[_Sent], outcomes: Sequence[Rows | Exception]) -> None:
         """Each statement's rows to its programs, or its failure as their outcome."""
@@ -136,7 +200,7 @@ class _Lockstep:
             elif item.keys is None:
                 self._advance(item.ops[0], outcome)
             else:
-                by_key = {row[1]: row for row in outcome.rows}
+                by_key = {row[item.key_at]: row for row in outcome.rows}
                 for i, key in zip(item.ops, item.keys, strict=True):
                     row = by_key.get(key)
                     self._advance(i, Rows([row], 1) if row is not None else Rows([], 0))

@@ -208,6 +208,48 @@ async def test_each_operation_gets_its_own_outcome_async(astore: Any) -> None:
     assert astore._coalescer.batches >= 1
 
 
+def test_completions_share_a_round(store: Any) -> None:
+    """Completions of distinct keys in one flush: each record gets its own result, expiry
+    and fence check (a zombie among them is refused), all in one transaction."""
+    keys = [f"done-{i}-{uuid.uuid4().hex}" for i in range(10)]
+    fences = {k: store.claim(request(k)).fence for k in keys}
+    zombie = f"zdone-{uuid.uuid4().hex}"
+    old = store.claim(request(zombie, lease=0.2))
+    time.sleep(0.4)
+    assert store.claim(request(zombie)).outcome is ClaimOutcome.TOOK_OVER
+    holder = occupy(store)
+    results = threads(
+        [lambda k=k: store.complete(k, fences[k], k.encode(), 120.0) for k in keys]
+        + [lambda: store.complete(zombie, old.fence, b"zombie", 60.0)]
+    )
+    holder.join()
+    *done, refused = results
+    assert isinstance(refused, LeaseLost), repr(refused)
+    for key, record in zip(keys, done, strict=True):
+        assert record.key == key and record.status is Status.COMPLETED, repr(record)
+        assert record.result == key.encode() and record.fence == fences[key]
+        assert 110e6 < record.expires_at - record.updated_at <= 120e6
+        assert store.get(key) == record
+    assert store.get(zombie).status is Status.IN_PROGRESS
+    assert len(xmins(store, keys)) == 1
+
+
+async def test_completions_share_a_round_async(astore: Any, store: Any) -> None:
+    keys = [f"adone-{i}-{uuid.uuid4().hex}" for i in range(10)]
+    fences = {k: (await astore.claim(request(k))).fence for k in keys}
+    holder = await aoccupy(astore)
+    done = await asyncio.gather(
+        *(astore.complete(k, fences[k], k.encode(), 120.0) for k in keys),
+        astore.complete(keys[0], fences[keys[0]] + 1, b"zombie", 60.0),
+        return_exceptions=True,
+    )
+    await holder
+    assert isinstance(done[-1], LeaseLost), repr(done[-1])
+    for key, record in zip(keys, done, strict=False):
+        assert record.result == key.encode() and record.fence == fences[key], repr(record)
+    assert len(xmins(store, keys)) == 1
+
+
 # -- race guarantees -----------------------------------------------------------------------
 
 
