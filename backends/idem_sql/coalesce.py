@@ -9,15 +9,19 @@ of every unfinished program, then one Sync: one round trip for all of them (a fi
 claim, or its completion, is one statement, so a flush is usually one round). An operation
 alone (concurrency 1) takes the plain path, with no pipeline.
 
+Claims of distinct keys in a round share one multi-row statement, and so do completions
+(:class:`_Lockstep`): the server runs two statements, not one per operation.
+
 A round is one implicit transaction on the server (statements up to a Sync): one commit, so
 one WAL flush, for the whole round, which is where most of the gain is. Two consequences:
 
-* Each statement of a round touches one row (its ``key``), and a round sends its statements
-  sorted by key: two rounds on two connections (another process, say) take their row locks
-  in the same order and cannot deadlock each other.
+* A round's statements go sorted by key, so two rounds on two connections (another process,
+  say) mostly take their row locks in the same order. Where they cannot (two shared
+  statements crossing each other's keys), PostgreSQL detects the deadlock and aborts one
+  round, which is then handled as below: a second's delay (``deadlock_timeout``), no error.
 * A statement that fails aborts the round (PostgreSQL skips the rest until the Sync, and
-  rolls back what ran). The round is then sent again one statement at a time, so each
-  operation gets its own outcome: a failure of its own stays its own.
+  rolls back what ran). The round is then sent again one statement at a time, each its own
+  transaction, so each operation gets its own outcome: a failure of its own stays its own.
 
 A connection-level failure (the connection dropped, the read timeout expired: the connection
 is closed and invalidated, never pooled again) fails every operation of the flush with the
