@@ -112,10 +112,14 @@ _SHARED: weakref.WeakKeyDictionary[SQL, dict[TextClause, _Shared]] = weakref.Wea
 
 
 def coalesces(sql: SQL) -> bool:
-    """Whether a store on an engine with this SQL coalesces: psycopg 3 only (pipeline mode);
-    other drivers keep one round trip per statement."""
+    """Whether a store on an engine with this SQL coalesces: psycopg 3 whose libpq has
+    pipeline mode (14 or later) only; other drivers keep one round trip per statement."""
     dialect = sql.dialect
-    return dialect.name == "postgresql" and dialect.driver == "psycopg"
+    if dialect.name != "postgresql" or dialect.driver != "psycopg":
+        return False
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
 
 
 class _Sent(NamedTuple):
