@@ -30,6 +30,7 @@ from idem_core.record import ClaimRequest, ClaimResult, Record
 
 from . import steps
 from .caches import AsyncConnectionCache, fast_async
+from .coalesce import AsyncCoalescer, coalesces
 from .common import SETUP, _Common, aexecute_item, run_async, setup_on
 from .lifetimes import abandon
 from .ops import SQL, Program
@@ -52,6 +53,7 @@ class AsyncSQLStore(_Common):
         create: bool = True,
         label: str = "sql",
         deadline: float | None = None,
+        coalesce: bool = True,
     ) -> None:
         if (engine is None) == (connection is None):
             raise ConfigurationError("AsyncSQLStore needs exactly one of engine or connection")
@@ -63,6 +65,10 @@ class AsyncSQLStore(_Common):
             AsyncConnectionCache(engine, sql, owned=owns_engine)
             if engine is not None and fast_async(engine)
             else None
+        )
+        # Concurrent hot operations share round trips (:mod:`idem_sql.coalesce`).
+        self._coalescer = (
+            AsyncCoalescer(self._cache) if coalesce and self._cache and coalesces(sql) else None
         )
         self._deadline = deadline
         # Left unclosed (its loop closed, say), the store closes its connections without a
@@ -109,7 +115,7 @@ class AsyncSQLStore(_Common):
 
     # -- I/O -----------------------------------------------------------------------------
 
-    async def _execute(self, program: Program[T]) -> T:
+    async def _execute(self, program: Program[T], *, hot: bool = False) -> T:
         if self._connection is not None:
             # The caller's connection, in the caller's transaction: theirs to commit.
             return await run_async(self._connection, program)
@@ -118,6 +124,8 @@ class AsyncSQLStore(_Common):
         if cache is not None:
             dispatch = self._engine.sync_engine.dispatch
             if not (dispatch.before_cursor_execute or dispatch.after_cursor_execute):
+                if hot and self._coalescer is not None:
+                    return await self._coalescer.run(program)
                 return await cache.run(program)
             # Statement listeners expect a Connection: the SQLAlchemy path, as the sync store.
         async with self._connect() as conn:
@@ -171,7 +179,7 @@ class AsyncSQLStore(_Common):
     async def claim(self, request: ClaimRequest) -> ClaimResult:
         autocommit = self._connection is None
         return await self._run(
-            lambda: self._execute(self.sql.claim(request, autocommit=autocommit))
+            lambda: self._execute(self.sql.claim(request, autocommit=autocommit), hot=True)
         )
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
@@ -193,7 +201,7 @@ class AsyncSQLStore(_Common):
         self._check_result(key, result)
         if not with_items:
             return await self._run(
-                lambda: self._execute(self.sql.complete(key, fence, result, ttl))
+                lambda: self._execute(self.sql.complete(key, fence, result, ttl), hot=True)
             )
         items = with_items
         # Never run again: the caller's statements may have committed before the error.
@@ -220,13 +228,13 @@ class AsyncSQLStore(_Common):
                 return await run_async(conn, program)
 
     async def release(self, key: str, fence: int) -> None:
-        await self._run(lambda: self._execute(self.sql.release(key, fence)))
+        await self._run(lambda: self._execute(self.sql.release(key, fence), hot=True))
 
     async def renew(self, key: str, fence: int, lease: float) -> Record:
-        return await self._run(lambda: self._execute(self.sql.renew(key, fence, lease)))
+        return await self._run(lambda: self._execute(self.sql.renew(key, fence, lease), hot=True))
 
     async def get(self, key: str) -> Record | None:
-        return await self._run(lambda: self._execute(self.sql.get(key)))
+        return await self._run(lambda: self._execute(self.sql.get(key), hot=True))
 
     async def delete(self, key: str) -> None:
         await steps.adelete_steps(self, key)

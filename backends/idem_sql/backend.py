@@ -14,6 +14,8 @@ URL options (query parameters, removed before the URL reaches SQLAlchemy):
 ``create``           ``1`` (default): create the table on first use if it is missing; ``0``: never
 ``connect_timeout``  PostgreSQL, MySQL: seconds to open a connection, default 5
 ``read_timeout``     PostgreSQL, MySQL: seconds a statement may wait for the server, default 10
+``coalesce``         ``1`` (default): concurrent calls share round trips (PostgreSQL with
+                     psycopg, :mod:`idem_sql.coalesce`); ``0``: one round trip per statement
 
 Other query parameters go to the driver, if they are among the driver's known ones
 (:data:`_PASSED`); any other name, a bad port or a bad number is a ``ConfigurationError``
@@ -44,6 +46,7 @@ _OPTIONS = {
     "create",
     "connect_timeout",
     "read_timeout",
+    "coalesce",
 }
 # option: (type, smallest value allowed)
 _NUMBERS: dict[str, tuple[type, float]] = {
@@ -246,14 +249,14 @@ def _split_options(
         if key in _NUMBERS:
             kind, least = _NUMBERS[key]
             parsed[key] = _number(key, value, kind, least)
-        elif key == "create":
+        elif key in ("create", "coalesce"):
             word = str(value).lower()
             if isinstance(value, bool):
                 parsed[key] = value
             elif word in _BOOLEANS:
                 parsed[key] = _BOOLEANS[word]
             else:
-                raise ConfigurationError(f"SQL store option create={value!r} is not 0 or 1")
+                raise ConfigurationError(f"SQL store option {key}={value!r} is not 0 or 1")
         else:
             parsed[key] = str(value)
     if database == "sqlite":
@@ -451,6 +454,7 @@ class SQLBackend:
         from .store import SQLStore, own
 
         create = opts.get("create", True)
+        coalesce = opts.get("coalesce", True)
         label = f"{database} store"
         if isinstance(client, Connection):
             return SQLStore(
@@ -458,7 +462,13 @@ class SQLBackend:
             )
         if isinstance(client, Engine):
             given = client.execution_options(isolation_level="AUTOCOMMIT")
-            return SQLStore(sql_for(given.dialect, table), engine=given, create=create, label=label)
+            return SQLStore(
+                sql_for(given.dialect, table),
+                engine=given,
+                create=create,
+                label=label,
+                coalesce=coalesce,
+            )
         if client is not None:
             raise ConfigurationError(
                 f"client must be a sqlalchemy Engine or Connection, not {type(client).__name__}"
@@ -480,6 +490,7 @@ class SQLBackend:
             owns_engine=True,
             create=create,
             label=label,
+            coalesce=coalesce,
         )
 
     def open_async(self, url: str, *, client: Any = None, **options: Any) -> AsyncSQLStore:
@@ -491,6 +502,7 @@ class SQLBackend:
         from .caches import own
 
         create = opts.get("create", True)
+        coalesce = opts.get("coalesce", True)
         label = f"{database} store"
         if isinstance(client, AsyncConnection):
             return AsyncSQLStore(
@@ -499,7 +511,11 @@ class SQLBackend:
         if isinstance(client, AsyncEngine):
             given = client.execution_options(isolation_level="AUTOCOMMIT")
             return AsyncSQLStore(
-                sql_for(given.dialect, table), engine=given, create=create, label=label
+                sql_for(given.dialect, table),
+                engine=given,
+                create=create,
+                label=label,
+                coalesce=coalesce,
             )
         if client is not None:
             raise ConfigurationError(
@@ -527,6 +543,7 @@ class SQLBackend:
             create=create,
             label=label,
             deadline=_async_deadline(engine.dialect.driver, opts),
+            coalesce=coalesce,
         )
 
 

@@ -151,16 +151,20 @@ class ConnectionCache(_CachePolicy):
             raise
         return conn, cursor, self._deadline()
 
-    def run(self, program: Program[T]) -> T:
-        idle = self.idle
+    def checkout(self) -> _Entry:
+        """The most recently used idle connection (unless too old), or one from the pool;
+        the caller hands it back with :meth:`put_back` or :meth:`invalidate`."""
         try:
-            entry = idle.pop()
+            entry = self.idle.pop()
         except IndexError:
-            entry = self._take()
-        else:
-            if self._stale(entry):
-                _give_back(entry, self.dialect, self.autocommit)
-                entry = self._take()
+            return self._take()
+        if self._stale(entry):
+            _give_back(entry, self.dialect, self.autocommit)
+            return self._take()
+        return entry
+
+    def run(self, program: Program[T]) -> T:
+        entry = self.checkout()
         cursor = entry[1]
         compiled = self.sql.compiled
         in_driver = False
@@ -320,16 +324,19 @@ class AsyncConnectionCache(_CachePolicy):
         driver: Any = conn.driver_connection
         return conn, driver.cursor(), self._deadline()
 
-    async def run(self, program: Program[T]) -> T:
-        idle = self.idle
+    async def checkout(self) -> _Entry:
+        """The twin of :meth:`ConnectionCache.checkout`."""
         try:
-            entry = idle.pop()
+            entry = self.idle.pop()
         except IndexError:
-            entry = await self._take()
-        else:
-            if self._stale(entry):
-                await self._give_back(entry)
-                entry = await self._take()
+            return await self._take()
+        if self._stale(entry):
+            await self._give_back(entry)
+            return await self._take()
+        return entry
+
+    async def run(self, program: Program[T]) -> T:
+        entry = await self.checkout()
         cursor = entry[1]
         compiled = self.sql.compiled
         in_driver = False

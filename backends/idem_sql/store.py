@@ -32,6 +32,7 @@ from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import steps
 from .caches import ConnectionCache, own
+from .coalesce import Coalescer, coalesces
 from .common import SETUP, _Common, execute_item, run_sync, setup_on
 from .ops import SQL, Program
 
@@ -52,6 +53,7 @@ class SQLStore(_Common):
         owns_engine: bool = False,
         create: bool = True,
         label: str = "sql",
+        coalesce: bool = True,
     ) -> None:
         if (engine is None) == (connection is None):
             raise ConfigurationError("SQLStore needs exactly one of engine or connection")
@@ -60,6 +62,10 @@ class SQLStore(_Common):
         self._connection = connection
         self._owns_engine = owns_engine
         self._cache = None if engine is None else ConnectionCache(engine, sql, owned=owns_engine)
+        # Concurrent hot operations share round trips (:mod:`idem_sql.coalesce`).
+        self._coalescer = (
+            Coalescer(self._cache) if coalesce and self._cache and coalesces(sql) else None
+        )
 
     @property
     def engine(self) -> Engine | None:
@@ -92,7 +98,7 @@ class SQLStore(_Common):
 
     # -- I/O -----------------------------------------------------------------------------
 
-    def _execute(self, program: Program[T]) -> T:
+    def _execute(self, program: Program[T], *, hot: bool = False) -> T:
         if self._connection is not None:
             # The caller's connection, in the caller's transaction: theirs to commit.
             return run_sync(self._connection, program)
@@ -104,6 +110,8 @@ class SQLStore(_Common):
             # Connection, so take the SQLAlchemy path, with the cached connections pooled.
             with self._connect() as conn:
                 return run_sync(conn, program)
+        if hot and self._coalescer is not None:
+            return self._coalescer.run(program)
         return cache.run(program)
 
     def _on_connection(self, work: Callable[[Connection], T]) -> T:
@@ -137,7 +145,9 @@ class SQLStore(_Common):
 
     def claim(self, request: ClaimRequest) -> ClaimResult:
         autocommit = self._cache is not None
-        return self._run(lambda: self._execute(self.sql.claim(request, autocommit=autocommit)))
+        return self._run(
+            lambda: self._execute(self.sql.claim(request, autocommit=autocommit), hot=True)
+        )
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
         if not requests:
@@ -157,7 +167,9 @@ class SQLStore(_Common):
             self._learn_packet(self._run(lambda: self._execute(self.sql.packet_program())))
         self._check_result(key, result)
         if not with_items:
-            return self._run(lambda: self._execute(self.sql.complete(key, fence, result, ttl)))
+            return self._run(
+                lambda: self._execute(self.sql.complete(key, fence, result, ttl), hot=True)
+            )
         items = with_items
         # Never run again: the caller's statements may have committed before the error.
         return self._run(lambda: self._complete_with(key, fence, result, ttl, items), retry=False)
@@ -181,13 +193,13 @@ class SQLStore(_Common):
                 return run_sync(conn, program)
 
     def release(self, key: str, fence: int) -> None:
-        self._run(lambda: self._execute(self.sql.release(key, fence)))
+        self._run(lambda: self._execute(self.sql.release(key, fence), hot=True))
 
     def renew(self, key: str, fence: int, lease: float) -> Record:
-        return self._run(lambda: self._execute(self.sql.renew(key, fence, lease)))
+        return self._run(lambda: self._execute(self.sql.renew(key, fence, lease), hot=True))
 
     def get(self, key: str) -> Record | None:
-        return self._run(lambda: self._execute(self.sql.get(key)))
+        return self._run(lambda: self._execute(self.sql.get(key), hot=True))
 
     def delete(self, key: str) -> None:
         steps.delete_steps(self, key)
