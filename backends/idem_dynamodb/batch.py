@@ -26,6 +26,7 @@ two successive ``claim`` calls would.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,14 +36,16 @@ from idem_core.record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, 
 
 from .plans import TX_CANCELED, Call, Failed, Plan, Plans, Seen, new_version
 
-#: TransactWriteItems' limit on items
-MAX_ITEMS = 100
 #: transaction rounds before the claims still open go one by one
 ROUNDS = 4
 #: fewer distinct keys than this are claimed side by side, one request each (see the docs:
 #: a transactional write costs twice the write units)
 BATCH_FROM = 2
-_TRANSACTION = frozenset({TX_CANCELED})
+_INVALID = "ValidationException"
+_TRANSACTION = frozenset({TX_CANCELED, _INVALID})
+# How a server states its limit on the items of a transaction (DynamoDB's 100; DynamoDB
+# Local before 2022 takes 10): "Member must have length less than or equal to 10".
+_ITEM_LIMIT = re.compile(r"length less than or equal to (\d+)")
 _REFUSED = "ConditionalCheckFailed"
 # Reasons after which the claim simply goes again: its condition held ("None"), or the
 # transaction met another one or throttling on that item.
@@ -92,9 +95,7 @@ def claim_many(plans: Plans, requests: Sequence[ClaimRequest]) -> Plan[list[Clai
         if not pending:
             break
         again: list[_Claim] = []
-        for start in range(0, len(pending), MAX_ITEMS):
-            chunk = pending[start : start + MAX_ITEMS]
-            again += yield from _round(plans, chunk, now, results)
+        again += yield from _rounds(plans, pending, now, results)
         pending = again
     for claim in pending:
         results[claim.index] = yield from plans.claim(claim.request)
@@ -121,12 +122,34 @@ def _again(plans: Plans, request: ClaimRequest, before: ClaimResult, now: int) -
     return (yield from plans.claim(request))
 
 
+def _rounds(
+    plans: Plans, claims: list[_Claim], now: int, results: list[ClaimResult | None]
+) -> Plan[list[_Claim]]:
+    """One round: a transaction per ``plans.transaction_items`` claims; returns the claims
+    to try again."""
+    again: list[_Claim] = []
+    size = plans.transaction_items
+    for start in range(0, len(claims), size):
+        again += yield from _round(plans, claims[start : start + size], now, results)
+    return again
+
+
 def _round(
     plans: Plans, claims: list[_Claim], now: int, results: list[ClaimResult | None]
 ) -> Plan[list[_Claim]]:
     """One transaction of ``claims``; returns the claims to try again."""
     items = [{"Put": _put(plans, claim, now)} for claim in claims]
     reply = yield Call("transact_write_items", {"TransactItems": items}, _TRANSACTION)
+    if isinstance(reply, Failed) and reply.code == _INVALID:
+        message = str(reply.response.get("Error", {}).get("Message", ""))
+        limit = _ITEM_LIMIT.search(message)
+        if limit is None or not 0 < int(limit[1]) < len(claims):
+            raise StoreUnavailable(
+                f"DynamoDB request on table {plans.settings.table!r} failed: {reply.error}"
+            ) from reply.error
+        # A server that takes fewer items per transaction: learnt once, for this store.
+        plans.transaction_items = int(limit[1])
+        return (yield from _rounds(plans, claims, now, results))
     if not isinstance(reply, Failed):
         for claim in claims:
             record = claim.record

@@ -116,6 +116,9 @@ class Plans:
         self.monotonic = settings.monotonic
         #: whether failed conditions return the old item; None until a claim shows it
         self.returns_old: bool | None = None
+        #: items per TransactWriteItems of ``claim_many`` (``batch.py``): DynamoDB's limit,
+        #: lowered when a server states a smaller one
+        self.transaction_items = 100
         self._last_fence = 0
         # Records this store claimed, so a transactional completion (which cannot return the
         # old item) still builds its result record with the machine without another read.
