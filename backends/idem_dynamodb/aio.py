@@ -11,7 +11,7 @@ from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimRequest, ClaimResult, Record
 from idem_core.registry import import_driver
 
-from . import steps
+from . import batch, steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
 from .plans import Plan, sleep_seconds
 from .settings import Settings
@@ -159,7 +159,9 @@ class AsyncDynamoDBStore(Shared):
         return await self._run(self.plans.claim(request))
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
-        # DynamoDB has no batched conditional write: the claims go out side by side.
+        if batch.batched(requests):
+            return await self._run(batch.claim_many(self.plans, requests))
+        # A key or two: the claims go out side by side, one request each.
         await self._get_client()
         return list(await asyncio.gather(*(self.claim(r) for r in requests)))
 

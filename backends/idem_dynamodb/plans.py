@@ -116,6 +116,9 @@ class Plans:
         self.monotonic = settings.monotonic
         #: whether failed conditions return the old item; None until a claim shows it
         self.returns_old: bool | None = None
+        #: items per TransactWriteItems of ``claim_many`` (``batch.py``): DynamoDB's limit,
+        #: lowered when a server states a smaller one
+        self.transaction_items = 100
         self._last_fence = 0
         # Records this store claimed, so a transactional completion (which cannot return the
         # old item) still builds its result record with the machine without another read.
@@ -262,20 +265,12 @@ class Plans:
             reply = yield Call("put_item", kwargs)
             if isinstance(reply, Failed):
                 seen = yield from self._old_seen(reply, key, must_exist=known is None)
-                known, watched = (seen,), False
-                if seen is None:
-                    continue  # gone meanwhile: claim an absent key
-                old = seen.record
-                if self.wall_takeable(old, now):
-                    # Takeable yet refused: the stored fence is ahead of our clock, or the
-                    # item changed in between. Try again on exactly what is there now.
-                    continue
-                if old.status is Status.IN_PROGRESS and self.watched(seen):
-                    watched = True
-                    continue
-                if old.status is not Status.IN_PROGRESS:
-                    self._unwatch(key)
-                return ClaimResult(machine.classify(old, request, now), old)
+                known = (seen,)
+                settled = self.refused(seen, request, now)
+                if isinstance(settled, ClaimResult):
+                    return settled
+                watched = settled
+                continue
             try:
                 previous = self.codec.record(reply.get("Attributes"))
             except IdempotencyError:
@@ -287,6 +282,23 @@ class Plans:
         raise StoreUnavailable(
             f"claim of key {key!r} kept losing races after {_CLAIM_TRIES} conditional writes"
         )
+
+    def refused(self, seen: Seen | None, request: ClaimRequest, now: int) -> ClaimResult | bool:
+        """What a claim whose write was refused makes of the item it then saw: its result, or
+        whether to try again with the watched-takeover condition (True) or on exactly what is
+        there (False). Shared by ``claim`` and the batched claims (``batch.py``)."""
+        if seen is None:
+            return False  # gone meanwhile: claim an absent key
+        old = seen.record
+        if self.wall_takeable(old, now):
+            # Takeable yet refused: the stored fence is ahead of our clock, or the item
+            # changed in between. Try again on exactly what is there now.
+            return False
+        if old.status is Status.IN_PROGRESS and self.watched(seen):
+            return True
+        if old.status is not Status.IN_PROGRESS:
+            self._unwatch(request.key)
+        return ClaimResult(machine.classify(old, request, now), old)
 
     def _claim_condition(
         self, known: tuple[Seen | None] | None, now: int, fence: int, watched: bool

@@ -13,7 +13,7 @@ from idem_core.record import ClaimRequest, ClaimResult, Record
 from idem_core.registry import import_driver
 from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
-from . import steps
+from . import batch, steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
 from .plans import Plan, sleep_seconds
 from .settings import Settings
@@ -96,7 +96,9 @@ class DynamoDBStore(Shared):
         return self._run(self.plans.claim(request))
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
-        # DynamoDB has no batched conditional write: the claims go out side by side.
+        if batch.batched(requests):
+            return self._run(batch.claim_many(self.plans, requests))
+        # A key or two: the claims go out side by side, one request each.
         if len(requests) <= 1:
             return [self.claim(r) for r in requests]
         _ = self.client  # built once, before the threads share it

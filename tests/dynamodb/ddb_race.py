@@ -33,3 +33,36 @@ def worker(url: str, keys: list[str], barrier: Any, out: Any) -> None:
         out.put((me, executed, outcomes, repr(exc)))
     finally:
         store.close()
+
+
+def batch_worker(url: str, keys: list[str], size: int, seed: int, barrier: Any, out: Any) -> None:
+    """Claim ``keys`` in a shuffled order, in batches of ``size`` (0: one by one), executing
+    and completing what was acquired."""
+    import random
+
+    store = open_store(url)
+    me = f"batcher-{os.getpid()}"
+    executed: list[str] = []
+    outcomes: dict[str, int] = {}
+    order = list(keys)
+    random.Random(seed).shuffle(order)
+    try:
+        store.get(keys[0])  # connected before the race starts
+        barrier.wait(60)
+        step = size or 1
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            reqs = [ClaimRequest(k, "f" * 32, f"{me}-{k}", LEASE, TTL) for k in chunk]
+            results = store.claim_many(reqs) if size else [store.claim(reqs[0])]
+            for key, res in zip(chunk, results, strict=True):
+                outcomes[res.outcome.value] = outcomes.get(res.outcome.value, 0) + 1
+                if res.outcome.acquired:
+                    executed.append(key)
+                    store.complete(key, res.fence, me.encode(), TTL)
+                else:
+                    assert res.record.status in (Status.IN_PROGRESS, Status.COMPLETED)
+        out.put((me, executed, outcomes, None))
+    except BaseException as exc:
+        out.put((me, executed, outcomes, repr(exc)))
+    finally:
+        store.close()
