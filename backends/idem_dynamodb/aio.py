@@ -13,8 +13,10 @@ from idem_core.registry import import_driver
 
 from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
-from .plans import Plan, sleep_seconds
+from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
+from .wire import lean, resolve
+from .wire.client import OPERATIONS, AsyncWireClient
 
 T = TypeVar("T")
 _running = asyncio.get_running_loop
@@ -35,6 +37,8 @@ class _Bound:
         self.loop = loop
         self.context: Any = None
         self.client: Any = None
+        #: the lean path's client (its connections belong to this loop too)
+        self.wire: AsyncWireClient | None = None
         self.guard: AsyncGenerator[None, None] | None = None
         self.lock = asyncio.Lock()
 
@@ -43,6 +47,9 @@ class _Bound:
         await self.guard.__anext__()
 
     async def aclose(self) -> None:
+        wire, self.wire = self.wire, None
+        if wire is not None:
+            wire.close()
         context, self.context, self.client = self.context, None, None
         if context is not None:
             await context.__aexit__(None, None, None)
@@ -76,6 +83,7 @@ class AsyncDynamoDBStore(Shared):
         self._given, self._session = split_client(client, "an aiobotocore/aioboto3")
         self._fork = ForkGuard(self._given)
         self._bound: _Bound | None = None
+        self._lean = lean.enabled(settings, self._given, self._session)
 
     # -- the client -----------------------------------------------------------------------
 
@@ -88,10 +96,8 @@ class AsyncDynamoDBStore(Shared):
             return bound.client
         return await self._slow_client()
 
-    async def _slow_client(self) -> Any:
-        self._fork.check_given()
-        if self._given is not None:
-            return self._given
+    async def _here(self) -> _Bound:
+        """The running loop's bound state, refusing a store whose loop is still open."""
         loop = asyncio.get_running_loop()
         bound = self._bound
         if bound is not None and bound.loop is not loop:
@@ -103,6 +109,15 @@ class AsyncDynamoDBStore(Shared):
             bound = None  # its loop is gone: abandoned (closed by its guard, if it ran)
         if bound is None:
             bound = self._bound = _Bound(loop)
+        if bound.guard is None:
+            await bound.start_guard()
+        return bound
+
+    async def _slow_client(self) -> Any:
+        self._fork.check_given()
+        if self._given is not None:
+            return self._given
+        bound = await self._here()
         async with bound.lock:
             if bound.client is None:
                 context = self._client_context()
@@ -111,9 +126,28 @@ class AsyncDynamoDBStore(Shared):
                 except self._botocore_exc.BotoCoreError as exc:
                     raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
                 bound.context = context
-                if bound.guard is None:
-                    await bound.start_guard()
         return bound.client
+
+    async def _get_wire(self) -> AsyncWireClient:
+        """The lean path's client in the running loop (see the sync store's)."""
+        if self._fork.forked():
+            self._bound = None  # the parent's connections: dropped without closing
+        bound = self._bound
+        if bound is not None and bound.wire is not None and bound.loop is _running():
+            return bound.wire
+        bound = await self._here()
+        if bound.wire is None:
+            s = self.settings
+            found = resolve.fast(s) or await asyncio.to_thread(resolve.slow, s)
+            endpoint, region = found.endpoint, found.region
+            if endpoint is None:  # only botocore's endpoint rules know it
+                meta = (await self._get_client()).meta
+                endpoint, region = meta.endpoint_url, meta.region_name
+            if not region:
+                raise no_region()
+            if bound.wire is None:
+                bound.wire = lean.async_client(s, found, endpoint, region)
+        return bound.wire
 
     def _client_context(self) -> Any:
         s = self.settings
@@ -133,7 +167,6 @@ class AsyncDynamoDBStore(Shared):
 
     async def _run(self, plan: Plan[T]) -> T:
         try:
-            client = await self._get_client()
             transient = self.errors.transient
             call = next(plan)
             while True:
@@ -143,7 +176,7 @@ class AsyncDynamoDBStore(Shared):
                     call = plan.send({})
                     continue
                 try:
-                    reply = await getattr(client, call.op)(**call.kwargs)
+                    reply = await self._send(call)
                 except transient as exc:
                     reply = self.errors.reply(call, exc)
                 call = plan.send(reply)
@@ -152,6 +185,11 @@ class AsyncDynamoDBStore(Shared):
             return value
         finally:
             plan.close()
+
+    async def _send(self, call: Call) -> Any:
+        if self._lean and call.op in OPERATIONS:
+            return await (await self._get_wire()).call(call.op, call.kwargs)
+        return await getattr(await self._get_client(), call.op)(**call.kwargs)
 
     # -- the AsyncStore protocol ----------------------------------------------------------
 

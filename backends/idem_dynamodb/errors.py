@@ -16,6 +16,7 @@ from idem_core.registry import import_driver
 
 from .plans import NOT_FOUND, Call, Failed
 from .settings import Settings
+from .wire.protocol import ServiceError
 
 
 def _optional(module: str, name: str) -> tuple[type[BaseException], ...]:
@@ -30,9 +31,11 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     """What a request may raise when the server or the path to it fails: botocore's errors
     (connection, timeouts, exhausted retries, error replies), the socket's (``OSError``,
     which ``TimeoutError`` and ``ConnectionError`` are), and what the HTTP layers below may
-    let through: http.client and urllib3 (boto3), aiohttp (aiobotocore)."""
+    let through: http.client and urllib3 (boto3), aiohttp (aiobotocore). The lean path
+    raises error replies as ``ServiceError`` and connection failures as ``OSError``."""
     exc = import_driver("botocore.exceptions", "dynamodb")
     return (
+        ServiceError,
         exc.BotoCoreError,
         exc.ClientError,
         OSError,

@@ -15,8 +15,10 @@ from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
-from .plans import Plan, sleep_seconds
+from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
+from .wire import lean, resolve
+from .wire.client import OPERATIONS, WireClient
 
 T = TypeVar("T")
 
@@ -36,6 +38,8 @@ class DynamoDBStore(Shared):
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._lean = lean.enabled(settings, self._given, self._session)
+        self._wire: WireClient | None = None
 
     # -- the client -----------------------------------------------------------------------
 
@@ -43,15 +47,40 @@ class DynamoDBStore(Shared):
     def client(self) -> Any:
         """The boto3 client in use; a forked child builds its own on first use."""
         if self._fork.forked():
-            # The parent's sockets and threads are not ours: drop them without closing.
-            self._lock = threading.Lock()
-            self._pool = self._client = None
+            self._drop_parents()
         if self._client is None:
             self._fork.check_given()
             with self._lock:
                 if self._client is None:
                     self._client = self._given if self._given is not None else self._build()
         return self._client
+
+    def _drop_parents(self) -> None:
+        # The parent's sockets and threads are not ours: drop them without closing.
+        self._lock = threading.Lock()
+        self._pool = self._client = self._wire = None
+
+    def _lean_client(self) -> WireClient:
+        """The lean path's client (:mod:`idem_dynamodb.wire`), built on first use without
+        botocore when the URL and the environment say everything (a Lambda function)."""
+        if self._fork.forked():
+            self._drop_parents()
+        wire = self._wire
+        if wire is None:
+            s = self.settings
+            found = resolve.fast(s) or resolve.slow(s)
+            endpoint, region = found.endpoint, found.region
+            if endpoint is None:  # only botocore's endpoint rules know it
+                endpoint, region = self.client.meta.endpoint_url, self.client.meta.region_name
+            if not region:
+                raise no_region()
+            wire = lean.sync_client(s, found, endpoint, region)
+            with self._lock:
+                if self._wire is None:
+                    self._wire = wire
+                else:
+                    wire = self._wire
+        return wire
 
     def _build(self) -> Any:
         s = self.settings
@@ -70,7 +99,6 @@ class DynamoDBStore(Shared):
 
     def _run(self, plan: Plan[T]) -> T:
         try:
-            client = self.client
             transient = self.errors.transient
             call = next(plan)
             while True:
@@ -80,7 +108,7 @@ class DynamoDBStore(Shared):
                     call = plan.send({})
                     continue
                 try:
-                    reply = getattr(client, call.op)(**call.kwargs)
+                    reply = self._send(call)
                 except transient as exc:
                     reply = self.errors.reply(call, exc)
                 call = plan.send(reply)
@@ -89,6 +117,11 @@ class DynamoDBStore(Shared):
             return value
         finally:
             plan.close()
+
+    def _send(self, call: Call) -> Any:
+        if self._lean and call.op in OPERATIONS:
+            return self._lean_client().call(call.op, call.kwargs)
+        return getattr(self.client, call.op)(**call.kwargs)
 
     # -- the Store protocol ---------------------------------------------------------------
 
@@ -148,7 +181,10 @@ class DynamoDBStore(Shared):
 
     def close(self) -> None:
         if self._fork.forked():
-            self._pool = self._client = None  # the parent's: not ours to close
+            self._pool = self._client = self._wire = None  # the parent's: not ours to close
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
