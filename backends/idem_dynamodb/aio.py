@@ -13,6 +13,7 @@ from idem_core.registry import import_driver
 
 from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
+from .errors import require_driver
 from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
 from .wire import lean, resolve
@@ -77,13 +78,14 @@ class AsyncDynamoDBStore(Shared):
     server_clock = False
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
-        import_driver("aiobotocore", "dynamodb")
-        self._botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        require_driver("aiobotocore")
         super().__init__(settings)
         self._given, self._session = split_client(client, "an aiobotocore/aioboto3")
         self._fork = ForkGuard(self._given)
         self._bound: _Bound | None = None
         self._lean = lean.enabled(settings, self._given, self._session)
+        if not self._lean:
+            self.errors.drivers()  # aiobotocore from the first request
 
     # -- the client -----------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class AsyncDynamoDBStore(Shared):
                 context = self._client_context()
                 try:
                     bound.client = await context.__aenter__()
-                except self._botocore_exc.BotoCoreError as exc:
+                except import_driver("botocore.exceptions", "dynamodb").BotoCoreError as exc:
                     raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
                 bound.context = context
         return bound.client
@@ -138,7 +140,10 @@ class AsyncDynamoDBStore(Shared):
         bound = await self._here()
         if bound.wire is None:
             s = self.settings
-            found = resolve.fast(s) or await asyncio.to_thread(resolve.slow, s)
+            found = resolve.fast(s)
+            if found is None:  # botocore's chain may block on a request: not in the loop
+                self.errors.drivers()
+                found = await asyncio.to_thread(resolve.slow, s)
             endpoint, region = found.endpoint, found.region
             if endpoint is None:  # only botocore's endpoint rules know it
                 meta = (await self._get_client()).meta
@@ -150,6 +155,8 @@ class AsyncDynamoDBStore(Shared):
         return bound.wire
 
     def _client_context(self) -> Any:
+        botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        self.errors.drivers()
         s = self.settings
         kwargs = client_kwargs(s, import_driver("aiobotocore.config", "dynamodb").AioConfig)
         try:
@@ -160,14 +167,14 @@ class AsyncDynamoDBStore(Shared):
             if not s.region and not session.get_config_variable("region"):
                 raise no_region()
             return session.create_client("dynamodb", **kwargs)
-        except self._botocore_exc.BotoCoreError as exc:
+        except botocore_exc.BotoCoreError as exc:
             raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
 
     # -- the driver: every request of every operation passes here -------------------------
 
     async def _run(self, plan: Plan[T]) -> T:
         try:
-            transient = self.errors.transient
+            errors = self.errors
             call = next(plan)
             while True:
                 pause = sleep_seconds(call)
@@ -177,8 +184,8 @@ class AsyncDynamoDBStore(Shared):
                     continue
                 try:
                     reply = await self._send(call)
-                except transient as exc:
-                    reply = self.errors.reply(call, exc)
+                except errors.transient as exc:  # read when an error is caught
+                    reply = errors.reply(call, exc)
                 call = plan.send(reply)
         except StopIteration as stop:
             value: T = stop.value

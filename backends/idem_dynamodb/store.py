@@ -15,6 +15,7 @@ from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
+from .errors import require_driver
 from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
 from .wire import lean, resolve
@@ -30,8 +31,7 @@ class DynamoDBStore(Shared):
     server_clock = False
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
-        self._boto3 = import_driver("boto3", "dynamodb")
-        self._botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        require_driver("boto3")
         super().__init__(settings)
         self._given, self._session = split_client(client, "a boto3")
         self._fork = ForkGuard(self._given)
@@ -40,6 +40,8 @@ class DynamoDBStore(Shared):
         self._lock = threading.Lock()
         self._lean = lean.enabled(settings, self._given, self._session)
         self._wire: WireClient | None = None
+        if not self._lean:
+            self.errors.drivers()  # boto3 from the first request
 
     # -- the client -----------------------------------------------------------------------
 
@@ -68,7 +70,10 @@ class DynamoDBStore(Shared):
         wire = self._wire
         if wire is None:
             s = self.settings
-            found = resolve.fast(s) or resolve.slow(s)
+            found = resolve.fast(s)
+            if found is None:
+                self.errors.drivers()  # botocore's credential chain
+                found = resolve.slow(s)
             endpoint, region = found.endpoint, found.region
             if endpoint is None:  # only botocore's endpoint rules know it
                 endpoint, region = self.client.meta.endpoint_url, self.client.meta.region_name
@@ -83,23 +88,26 @@ class DynamoDBStore(Shared):
         return wire
 
     def _build(self) -> Any:
+        boto3 = import_driver("boto3", "dynamodb")
+        botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        self.errors.drivers()
         s = self.settings
         kwargs = client_kwargs(s, import_driver("botocore.config", "dynamodb").Config)
         try:
             if self._session is not None:
                 return session_client(self._session, kwargs)
-            session = self._boto3.session.Session(profile_name=s.profile)
+            session = boto3.session.Session(profile_name=s.profile)
             if not s.region and not session.region_name:
                 raise no_region()
             return session.client("dynamodb", **kwargs)
-        except self._botocore_exc.BotoCoreError as exc:
+        except botocore_exc.BotoCoreError as exc:
             raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
 
     # -- the driver: every request of every operation passes here -------------------------
 
     def _run(self, plan: Plan[T]) -> T:
         try:
-            transient = self.errors.transient
+            errors = self.errors
             call = next(plan)
             while True:
                 pause = sleep_seconds(call)
@@ -109,8 +117,8 @@ class DynamoDBStore(Shared):
                     continue
                 try:
                     reply = self._send(call)
-                except transient as exc:
-                    reply = self.errors.reply(call, exc)
+                except errors.transient as exc:  # read when an error is caught
+                    reply = errors.reply(call, exc)
                 call = plan.send(reply)
         except StopIteration as stop:
             value: T = stop.value

@@ -55,10 +55,14 @@ class ScriptedServer:
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 with server._lock:
                     server.received.append(
-                        Received(headers.get("x-amz-target", ""), headers, body, self.client_address)
+                        Received(
+                            headers.get("x-amz-target", ""), headers, body, self.client_address
+                        )
                     )
                     reply = server.script.pop(0) if server.script else Scripted(200, {})
-                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                data = (
+                    reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                )
                 crc = zlib.crc32(data) ^ (1 if reply.bad_crc else 0)
                 self.send_response(reply.status)
                 self.send_header("content-type", "application/x-amz-json-1.0")

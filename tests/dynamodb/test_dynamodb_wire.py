@@ -159,9 +159,7 @@ def test_request_is_botocore_s(
         if k not in {"authorization", "x-amz-date", "x-amz-security-token", "content-length"}
     }
     ours = AWSRequest("POST", endpoint, headers=unsigned, data=body)
-    SigV4Auth(BotoCredentials("AKIDEXAMPLE", secret, token), "dynamodb", "eu-west-1").add_auth(
-        ours
-    )
+    SigV4Auth(BotoCredentials("AKIDEXAMPLE", secret, token), "dynamodb", "eu-west-1").add_auth(ours)
     assert headers["authorization"] == ours.headers["Authorization"]
     assert headers["x-amz-date"] == ours.headers["X-Amz-Date"] == AMZ_WHEN
     assert headers.get("x-amz-security-token") == ours.headers.get("X-Amz-Security-Token")
@@ -355,7 +353,9 @@ def test_throttling_is_retried_then_unavailable(scripted: ScriptedServer, key: s
     ],
     ids=["500", "503-html", "crc32", "garbled", "validation"],
 )
-def test_what_is_retried(scripted: ScriptedServer, key: str, reply: Scripted, retried: bool) -> None:
+def test_what_is_retried(
+    scripted: ScriptedServer, key: str, reply: Scripted, retried: bool
+) -> None:
     scripted.script = [reply]
     with BACKEND.open(scripted.url(max_attempts=2)) as store:
         if retried:

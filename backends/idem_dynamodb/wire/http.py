@@ -10,6 +10,7 @@ connection, once. Any other failure goes to the caller (and to the retry policy 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -191,10 +192,8 @@ class _Conn:
         self.sock = sock
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass
 
 
 class Pool:

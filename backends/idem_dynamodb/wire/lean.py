@@ -16,9 +16,7 @@ def enabled(settings: Settings, given: Any, session: Any) -> bool:
     caller's configuration (hooks, endpoint, credentials): used for everything. Retry modes
     other than botocore's standard one (adaptive's client-side rate limiting, legacy) are
     left to botocore too."""
-    return (
-        settings.lean and given is None and session is None and settings.retry_mode == "standard"
-    )
+    return settings.lean and given is None and session is None and settings.retry_mode == "standard"
 
 
 def _pool_size(settings: Settings) -> int:
@@ -40,7 +38,9 @@ def async_client(
 ) -> AsyncWireClient:
     w = wire(settings, resolved, endpoint, region)
     s = settings
-    return AsyncWireClient(w, AsyncPool(w.endpoint, s.connect_timeout, s.read_timeout, _pool_size(s)))
+    return AsyncWireClient(
+        w, AsyncPool(w.endpoint, s.connect_timeout, s.read_timeout, _pool_size(s))
+    )
 
 
 __all__ = ["Endpoint", "async_client", "enabled", "sync_client"]

@@ -29,7 +29,9 @@ THROTTLING = frozenset(
         "EC2ThrottledException",
     }
 )
-TRANSIENT_CODES = frozenset({"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"})
+TRANSIENT_CODES = frozenset(
+    {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete"}
+)
 TRANSIENT_STATUS = frozenset({500, 502, 503, 504})
 _CAPACITY = 500
 _COST = 5
@@ -46,6 +48,10 @@ def retryable(exc: BaseException) -> bool:
     return isinstance(exc, OSError)
 
 
+def _cost(exc: BaseException) -> int:
+    return _TIMEOUT_COST if isinstance(exc, TimeoutError) else _COST
+
+
 class Retries:
     """The retry policy and quota of one client, shared by its threads or tasks."""
 
@@ -58,7 +64,7 @@ class Retries:
         """Seconds to wait before attempt ``attempt + 1``, or None: give up with ``exc``."""
         if attempt >= self.max_attempts or not retryable(exc):
             return None
-        cost = _TIMEOUT_COST if isinstance(exc, TimeoutError) else _COST
+        cost = _cost(exc)
         with self._lock:
             if self.quota < cost:
                 return None
@@ -67,10 +73,7 @@ class Retries:
 
     def succeeded(self, exc: BaseException | None) -> None:
         """A 2xx reply; ``exc`` is what the previous attempt failed with, if any."""
-        if exc is None:
-            back = 1
-        else:
-            back = _TIMEOUT_COST if isinstance(exc, TimeoutError) else _COST
+        back = _cost(exc) if exc is not None else 1
         with self._lock:
             self.quota = min(_CAPACITY, self.quota + back)
 
