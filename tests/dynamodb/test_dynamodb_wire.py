@@ -513,3 +513,37 @@ async def test_async_connection_dropped_while_idle_is_resent_once(
     finally:
         proxy.heal()
         await store.close()
+
+
+# -- the reply parser, byte by byte -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'HTTP/1.1 200 OK\r\nContent-Length: 11\r\nx-amz-crc32: 1\r\n\r\n{"a": "bc"}',
+        b'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{"a": "bc"}',
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'4;ext=1\r\n{"a"\r\n7\r\n: "bc"}\r\n0\r\n\r\n',
+        b'HTTP/1.0 200 OK\r\nContent-Type: x\r\n\r\n{"a": "bc"}',
+    ],
+    ids=["length", "interim", "chunked", "until-close"],
+)
+@pytest.mark.parametrize("step", [1, 7, 4096])
+def test_reply_parser(raw: bytes, step: int) -> None:
+    from idem_dynamodb.wire.http import Reply
+
+    reply = Reply()
+    done = False
+    for i in range(0, len(raw), step):
+        assert not done
+        done = reply.feed(raw[i : i + step])
+    if not done:
+        done = reply.feed(b"")  # the server closes: the end of a close-delimited body
+    assert done and reply.status == 200 and reply.body == b'{"a": "bc"}'
+    assert reply.keep_alive is raw.startswith(b"HTTP/1.1")
+    cut = Reply()
+    cut.feed(raw[: len(raw) - 3])
+    if raw.startswith(b"HTTP/1.1"):
+        with pytest.raises(ConnectionResetError, match="middle of the reply"):
+            cut.feed(b"")
