@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -513,6 +514,62 @@ async def test_async_connection_dropped_while_idle_is_resent_once(
     finally:
         proxy.heal()
         await store.close()
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost, made by the openssl command."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = str(tmp / "cert.pem"), str(tmp / "key.pem")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key]
+        + ["-out", cert, "-days", "1", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_is_verified_with_the_ca_bundle(
+    _aws_env: None,
+    certificate: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+) -> None:
+    """HTTPS, verified against AWS_CA_BUNDLE as botocore does; an unknown certificate is
+    refused (StoreUnavailable, an SSL error as the cause), sync and async."""
+    with ScriptedServer(tls=certificate) as tls:
+        monkeypatch.setenv("AWS_CA_BUNDLE", certificate[0])
+        with BACKEND.open(tls.url()) as store:
+            assert store.claim(req(key)).outcome is ClaimOutcome.CLAIMED
+            assert store.claim(req(f"{key}-2")).outcome is ClaimOutcome.CLAIMED
+        astore = BACKEND.open_async(tls.url())
+        try:
+            assert (await astore.claim(req(f"{key}-3"))).outcome is ClaimOutcome.CLAIMED
+        finally:
+            await astore.close()
+        assert len(tls.received) == 3 and len({r.peer for r in tls.received}) == 2
+        monkeypatch.delenv("AWS_CA_BUNDLE")
+        with BACKEND.open(tls.url(max_attempts=1)) as store:
+            with pytest.raises(StoreUnavailable) as info:
+                store.claim(req(f"{key}-4"))
+            assert isinstance(info.value.__cause__, ssl.SSLError)
+        astore = BACKEND.open_async(tls.url(max_attempts=1))
+        try:
+            with pytest.raises(StoreUnavailable) as ainfo:
+                await astore.claim(req(f"{key}-5"))
+            assert isinstance(ainfo.value.__cause__, ssl.SSLError)
+        finally:
+            await astore.close()
 
 
 # -- the reply parser, byte by byte -------------------------------------------------------------
