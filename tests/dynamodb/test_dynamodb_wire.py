@@ -529,18 +529,19 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         pytest.skip("the openssl command is needed to make a test certificate")
     tmp = tmp_path_factory.mktemp("tls")
     cert, key = str(tmp / "cert.pem"), str(tmp / "key.pem")
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key]
+    argv += ["-out", cert, "-days", "1", "-subj", "/CN=localhost"]
+    argv += ["-addext", "subjectAltName=DNS:localhost"]
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key]
-        + ["-out", cert, "-days", "1", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost"],
+        argv,
         check=True,
         capture_output=True,
     )
     return cert, key
 
 
+@pytest.mark.usefixtures("_aws_env")
 async def test_https_is_verified_with_the_ca_bundle(
-    _aws_env: None,
     certificate: tuple[str, str],
     monkeypatch: pytest.MonkeyPatch,
     key: str,
