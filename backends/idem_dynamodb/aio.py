@@ -13,8 +13,11 @@ from idem_core.registry import import_driver
 
 from . import batch, steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
-from .plans import Plan, sleep_seconds
+from .errors import require_driver
+from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
+from .wire import lean, resolve
+from .wire.client import OPERATIONS, AsyncWireClient
 
 T = TypeVar("T")
 _running = asyncio.get_running_loop
@@ -35,6 +38,8 @@ class _Bound:
         self.loop = loop
         self.context: Any = None
         self.client: Any = None
+        #: the lean path's client (its connections belong to this loop too)
+        self.wire: AsyncWireClient | None = None
         self.guard: AsyncGenerator[None, None] | None = None
         self.lock = asyncio.Lock()
 
@@ -43,6 +48,9 @@ class _Bound:
         await self.guard.__anext__()
 
     async def aclose(self) -> None:
+        wire, self.wire = self.wire, None
+        if wire is not None:
+            wire.close()
         context, self.context, self.client = self.context, None, None
         if context is not None:
             await context.__aexit__(None, None, None)
@@ -70,12 +78,14 @@ class AsyncDynamoDBStore(Shared):
     server_clock = False
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
-        import_driver("aiobotocore", "dynamodb")
-        self._botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        require_driver("aiobotocore")
         super().__init__(settings)
         self._given, self._session = split_client(client, "an aiobotocore/aioboto3")
         self._fork = ForkGuard(self._given)
         self._bound: _Bound | None = None
+        self._lean = lean.enabled(settings, self._given, self._session)
+        if not self._lean:
+            self.errors.drivers()  # aiobotocore from the first request
 
     # -- the client -----------------------------------------------------------------------
 
@@ -88,10 +98,8 @@ class AsyncDynamoDBStore(Shared):
             return bound.client
         return await self._slow_client()
 
-    async def _slow_client(self) -> Any:
-        self._fork.check_given()
-        if self._given is not None:
-            return self._given
+    async def _here(self) -> _Bound:
+        """The running loop's bound state, refusing a store whose loop is still open."""
         loop = asyncio.get_running_loop()
         bound = self._bound
         if bound is not None and bound.loop is not loop:
@@ -103,19 +111,52 @@ class AsyncDynamoDBStore(Shared):
             bound = None  # its loop is gone: abandoned (closed by its guard, if it ran)
         if bound is None:
             bound = self._bound = _Bound(loop)
+        if bound.guard is None:
+            await bound.start_guard()
+        return bound
+
+    async def _slow_client(self) -> Any:
+        self._fork.check_given()
+        if self._given is not None:
+            return self._given
+        bound = await self._here()
         async with bound.lock:
             if bound.client is None:
                 context = self._client_context()
                 try:
                     bound.client = await context.__aenter__()
-                except self._botocore_exc.BotoCoreError as exc:
+                except import_driver("botocore.exceptions", "dynamodb").BotoCoreError as exc:
                     raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
                 bound.context = context
-                if bound.guard is None:
-                    await bound.start_guard()
         return bound.client
 
+    async def _get_wire(self) -> AsyncWireClient:
+        """The lean path's client in the running loop (see the sync store's)."""
+        if self._fork.forked():
+            self._bound = None  # the parent's connections: dropped without closing
+        bound = self._bound
+        if bound is not None and bound.wire is not None and bound.loop is _running():
+            return bound.wire
+        bound = await self._here()
+        if bound.wire is None:
+            s = self.settings
+            found = resolve.fast(s)
+            if found is None:  # botocore's chain may block on a request: not in the loop
+                self.errors.drivers()
+                found = await asyncio.to_thread(resolve.slow, s)
+            endpoint, region = found.endpoint, found.region
+            if endpoint is None:  # only botocore's endpoint rules know it
+                meta = (await self._get_client()).meta
+                endpoint, region = meta.endpoint_url, meta.region_name
+            if not region:
+                raise no_region()
+            if bound.wire is None:
+                bound.wire = lean.async_client(s, found, endpoint, region)
+        return bound.wire
+
     def _client_context(self) -> Any:
+        botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        self.errors.drivers()
         s = self.settings
         kwargs = client_kwargs(s, import_driver("aiobotocore.config", "dynamodb").AioConfig)
         try:
@@ -126,15 +167,14 @@ class AsyncDynamoDBStore(Shared):
             if not s.region and not session.get_config_variable("region"):
                 raise no_region()
             return session.create_client("dynamodb", **kwargs)
-        except self._botocore_exc.BotoCoreError as exc:
+        except botocore_exc.BotoCoreError as exc:
             raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
 
     # -- the driver: every request of every operation passes here -------------------------
 
     async def _run(self, plan: Plan[T]) -> T:
         try:
-            client = await self._get_client()
-            transient = self.errors.transient
+            errors = self.errors
             call = next(plan)
             while True:
                 pause = sleep_seconds(call)
@@ -143,15 +183,20 @@ class AsyncDynamoDBStore(Shared):
                     call = plan.send({})
                     continue
                 try:
-                    reply = await getattr(client, call.op)(**call.kwargs)
-                except transient as exc:
-                    reply = self.errors.reply(call, exc)
+                    reply = await self._send(call)
+                except errors.transient as exc:  # read when an error is caught
+                    reply = errors.reply(call, exc)
                 call = plan.send(reply)
         except StopIteration as stop:
             value: T = stop.value
             return value
         finally:
             plan.close()
+
+    async def _send(self, call: Call) -> Any:
+        if self._lean and call.op in OPERATIONS:
+            return await (await self._get_wire()).call(call.op, call.kwargs)
+        return await getattr(await self._get_client(), call.op)(**call.kwargs)
 
     # -- the AsyncStore protocol ----------------------------------------------------------
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import http.client
 import importlib
+import importlib.util
 
 from idem_core.errors import StoreUnavailable
 from idem_core.registry import import_driver
 
 from .plans import NOT_FOUND, Call, Failed
 from .settings import Settings
+from .wire.protocol import ServiceError
 
 
 def _optional(module: str, name: str) -> tuple[type[BaseException], ...]:
@@ -30,9 +32,11 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     """What a request may raise when the server or the path to it fails: botocore's errors
     (connection, timeouts, exhausted retries, error replies), the socket's (``OSError``,
     which ``TimeoutError`` and ``ConnectionError`` are), and what the HTTP layers below may
-    let through: http.client and urllib3 (boto3), aiohttp (aiobotocore)."""
+    let through: http.client and urllib3 (boto3), aiohttp (aiobotocore). The lean path
+    raises error replies as ``ServiceError`` and connection failures as ``OSError``."""
     exc = import_driver("botocore.exceptions", "dynamodb")
     return (
+        ServiceError,
         exc.BotoCoreError,
         exc.ClientError,
         OSError,
@@ -42,12 +46,34 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+#: what the lean path raises: error replies, and broken connections (and timeouts)
+LEAN_TRANSIENT: tuple[type[BaseException], ...] = (ServiceError, OSError, http.client.HTTPException)
+
+
+def require_driver(module: str) -> None:
+    """Fail now, naming the extra, when ``module`` is not installed; without importing it
+    (botocore takes a good part of a Lambda cold start, and the lean path may not need it)."""
+    if importlib.util.find_spec(module) is None:
+        import_driver(module, "dynamodb")  # raises ConfigurationError
+
+
 class Errors:
-    """The translation of one store's driver errors."""
+    """The translation of one store's driver errors.
+
+    ``transient`` starts with the lean path's errors only, so that a store that never needs
+    botocore never imports it; a store calls :meth:`drivers` before it first uses botocore
+    (its boto3 client, a given one, or botocore's credential chain). The drivers read
+    ``transient`` when an error is being caught, so the larger tuple applies from then on.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.transient = transient_errors()
+        self.transient = LEAN_TRANSIENT
+
+    def drivers(self) -> None:
+        """botocore and the HTTP layers below it are in use: their errors are transient too."""
+        if self.transient is LEAN_TRANSIENT:
+            self.transient = transient_errors()
 
     def reply(self, call: Call, exc: BaseException) -> Failed:
         """A failed condition ``call`` expects, as ``Failed``; otherwise raises

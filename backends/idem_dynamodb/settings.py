@@ -53,6 +53,8 @@ class Settings:
     compress_above: int | None = 64 * 1024
     #: worker threads of ``claim_many`` in the synchronous store
     pool_size: int = 8
+    #: the hot operations skip botocore (see :mod:`idem_dynamodb.wire`); False: boto3 only
+    lean: bool = True
     clock: Clock = system_clock
     #: microseconds of a monotonic clock (keyword only; tests share a ManualClock)
     monotonic: Callable[[], int] = monotonic_clock
@@ -75,6 +77,8 @@ _FLOATS = ("connect_timeout", "read_timeout", "skew_allowance")
 _INTS = ("max_attempts", "pool_size")
 _STRS = ("region", "endpoint_url", "profile", "key_attr", "sort_key", "namespace", "ttl_attr")
 _CALLABLES = ("clock", "monotonic")
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOLS.update({"0": False, "false": False, "no": False, "off": False})
 _RENAMED = {
     "skew": "skew= was replaced by skew_allowance= (seconds, default 300): leases are now "
     "taken over after the claimer watched them unchanged for their duration, see the "
@@ -162,6 +166,12 @@ def _convert(name: str, value: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in {"", "none", "off"}):
             return None
         return _number(name, value, int)
+    if name == "lean":
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in _BOOLS:
+            raise ConfigurationError(f"lean must be 1/0 (true/false), got {value!r}")
+        return _BOOLS[str(value).lower()]
     if name == "retry_mode":
         return str(value).lower()
     if name in _FLOATS:

@@ -15,8 +15,11 @@ from idem_core.scanning import DEFAULT_PAGE, ScanFilter
 
 from . import batch, steps
 from .common import ForkGuard, Shared, client_kwargs, no_region, session_client, split_client
-from .plans import Plan, sleep_seconds
+from .errors import require_driver
+from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
+from .wire import lean, resolve
+from .wire.client import OPERATIONS, WireClient
 
 T = TypeVar("T")
 
@@ -28,14 +31,17 @@ class DynamoDBStore(Shared):
     server_clock = False
 
     def __init__(self, settings: Settings, client: Any = None) -> None:
-        self._boto3 = import_driver("boto3", "dynamodb")
-        self._botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        require_driver("boto3")
         super().__init__(settings)
         self._given, self._session = split_client(client, "a boto3")
         self._fork = ForkGuard(self._given)
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._lean = lean.enabled(settings, self._given, self._session)
+        self._wire: WireClient | None = None
+        if not self._lean:
+            self.errors.drivers()  # boto3 from the first request
 
     # -- the client -----------------------------------------------------------------------
 
@@ -43,9 +49,7 @@ class DynamoDBStore(Shared):
     def client(self) -> Any:
         """The boto3 client in use; a forked child builds its own on first use."""
         if self._fork.forked():
-            # The parent's sockets and threads are not ours: drop them without closing.
-            self._lock = threading.Lock()
-            self._pool = self._client = None
+            self._drop_parents()
         if self._client is None:
             self._fork.check_given()
             with self._lock:
@@ -53,25 +57,57 @@ class DynamoDBStore(Shared):
                     self._client = self._given if self._given is not None else self._build()
         return self._client
 
+    def _drop_parents(self) -> None:
+        # The parent's sockets and threads are not ours: drop them without closing.
+        self._lock = threading.Lock()
+        self._pool = self._client = self._wire = None
+
+    def _lean_client(self) -> WireClient:
+        """The lean path's client (:mod:`idem_dynamodb.wire`), built on first use without
+        botocore when the URL and the environment say everything (a Lambda function)."""
+        if self._fork.forked():
+            self._drop_parents()
+        wire = self._wire
+        if wire is None:
+            s = self.settings
+            found = resolve.fast(s)
+            if found is None:
+                self.errors.drivers()  # botocore's credential chain
+                found = resolve.slow(s)
+            endpoint, region = found.endpoint, found.region
+            if endpoint is None:  # only botocore's endpoint rules know it
+                endpoint, region = self.client.meta.endpoint_url, self.client.meta.region_name
+            if not region:
+                raise no_region()
+            wire = lean.sync_client(s, found, endpoint, region)
+            with self._lock:
+                if self._wire is None:
+                    self._wire = wire
+                else:
+                    wire = self._wire
+        return wire
+
     def _build(self) -> Any:
+        boto3 = import_driver("boto3", "dynamodb")
+        botocore_exc = import_driver("botocore.exceptions", "dynamodb")
+        self.errors.drivers()
         s = self.settings
         kwargs = client_kwargs(s, import_driver("botocore.config", "dynamodb").Config)
         try:
             if self._session is not None:
                 return session_client(self._session, kwargs)
-            session = self._boto3.session.Session(profile_name=s.profile)
+            session = boto3.session.Session(profile_name=s.profile)
             if not s.region and not session.region_name:
                 raise no_region()
             return session.client("dynamodb", **kwargs)
-        except self._botocore_exc.BotoCoreError as exc:
+        except botocore_exc.BotoCoreError as exc:
             raise ConfigurationError(f"cannot create a DynamoDB client: {exc}") from exc
 
     # -- the driver: every request of every operation passes here -------------------------
 
     def _run(self, plan: Plan[T]) -> T:
         try:
-            client = self.client
-            transient = self.errors.transient
+            errors = self.errors
             call = next(plan)
             while True:
                 pause = sleep_seconds(call)
@@ -80,15 +116,20 @@ class DynamoDBStore(Shared):
                     call = plan.send({})
                     continue
                 try:
-                    reply = getattr(client, call.op)(**call.kwargs)
-                except transient as exc:
-                    reply = self.errors.reply(call, exc)
+                    reply = self._send(call)
+                except errors.transient as exc:  # read when an error is caught
+                    reply = errors.reply(call, exc)
                 call = plan.send(reply)
         except StopIteration as stop:
             value: T = stop.value
             return value
         finally:
             plan.close()
+
+    def _send(self, call: Call) -> Any:
+        if self._lean and call.op in OPERATIONS:
+            return self._lean_client().call(call.op, call.kwargs)
+        return getattr(self.client, call.op)(**call.kwargs)
 
     # -- the Store protocol ---------------------------------------------------------------
 
@@ -150,7 +191,10 @@ class DynamoDBStore(Shared):
 
     def close(self) -> None:
         if self._fork.forked():
-            self._pool = self._client = None  # the parent's: not ours to close
+            self._pool = self._client = self._wire = None  # the parent's: not ours to close
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)

@@ -112,7 +112,28 @@ class Counter:
         return calls
 
 
-def counting(client: Any) -> Counter:
+def counting(*clients: Any) -> Counter:
+    """Counts the API calls of boto3/aiobotocore clients and of lean clients
+    (:mod:`idem_dynamodb.wire`): on both paths, the calls the store makes."""
+    from idem_dynamodb.wire.protocol import OPERATIONS
+
     counter = Counter()
-    client.meta.events.register("before-call.dynamodb", counter)
+    for client in clients:
+        if hasattr(client, "meta"):
+            client.meta.events.register("before-call.dynamodb", counter)
+            continue
+        call = client.call
+
+        def counted(op: str, kwargs: dict[str, Any], call: Any = call) -> Any:
+            counter.calls.append(OPERATIONS[op])
+            return call(op, kwargs)
+
+        client.call = counted
     return counter
+
+
+def store_calls(store: DynamoDBStore) -> Counter:
+    """Counts every API call of a sync store, on whichever path it takes."""
+    if store._lean:
+        return counting(store.client, store._lean_client())
+    return counting(store.client)

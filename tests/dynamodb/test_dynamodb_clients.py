@@ -244,10 +244,11 @@ def _throttle(times: int) -> Any:
 
 
 def test_throttling_is_retried_then_unavailable(server: Server, key: str) -> None:
-    with server.open(max_attempts=3) as store:
+    """On boto3 (``lean=0``); the lean path's retries are in test_dynamodb_wire.py."""
+    with server.open(max_attempts=3, lean=0) as store:
         store.client.meta.events.register("before-send.dynamodb.PutItem", _throttle(2))
         assert store.claim(req(key)).outcome is ClaimOutcome.CLAIMED  # third attempt
-    with server.open(max_attempts=2) as store:
+    with server.open(max_attempts=2, lean=0) as store:
         store.client.meta.events.register("before-send.dynamodb.PutItem", _throttle(5))
         with pytest.raises(StoreUnavailable, match="Throttling") as info:
             store.claim(req(f"{key}-2"))
@@ -255,7 +256,7 @@ def test_throttling_is_retried_then_unavailable(server: Server, key: str) -> Non
         assert cause is not None and type(cause).__name__ == "ThrottlingException"
 
 
-# -- one translation for every driver error ---------------------------------------------------
+# -- one translation for every driver error (boto3's path: lean=0) ----------------------------
 
 
 def _raising(exc: BaseException) -> Any:
@@ -280,7 +281,7 @@ LOW_LEVEL = [
 def test_sync_low_level_errors_are_store_unavailable(
     dynamodb_local: Server, key: str, error: BaseException
 ) -> None:
-    with dynamodb_local.open(max_attempts=1) as store:
+    with dynamodb_local.open(max_attempts=1, lean=0) as store:
         store.client.meta.events.register("before-send.dynamodb.GetItem", _raising(error))
         with pytest.raises(StoreUnavailable) as info:
             store.get(key)
@@ -295,7 +296,7 @@ def test_sync_low_level_errors_are_store_unavailable(
 async def test_async_low_level_errors_are_store_unavailable(
     dynamodb_local: Server, key: str, error: BaseException
 ) -> None:
-    store = BACKEND.open_async(dynamodb_local.url(max_attempts=1))
+    store = BACKEND.open_async(dynamodb_local.url(max_attempts=1, lean=0))
     try:
         client = await store._get_client()
         client.meta.events.register("before-send.dynamodb.GetItem", _raising(error))

@@ -12,7 +12,7 @@ from typing import Any
 
 import boto3
 import pytest
-from ddb_servers import REGION, SHARED_TABLE, TABLE, Server, counting
+from ddb_servers import REGION, SHARED_TABLE, TABLE, Server, counting, store_calls
 from idem_dynamodb import TransactionCanceled
 from idem_dynamodb.backend import BACKEND
 from idem_dynamodb.store import DynamoDBStore
@@ -45,7 +45,7 @@ def key() -> str:
 def test_requests_per_call(store: DynamoDBStore, server: Server, key: str) -> None:
     """First call: one conditional write to claim, one to complete. Replay: the failed
     condition returns the record (1 request) where the server supports it, else one GetItem."""
-    calls = counting(store.client)
+    calls = store_calls(store)
     claimed = store.claim(req(key))
     store.complete(key, claimed.fence, b"result", TTL)
     assert calls.take() == ["PutItem", "UpdateItem"]
@@ -73,7 +73,7 @@ async def test_requests_per_call_async(server: Server, key: str) -> None:
     store = BACKEND.open_async(server.url())
     try:
         claimed = await store.claim(req(key))  # builds the client
-        calls = counting(await store._get_client())
+        calls = counting(await store._get_client(), await store._get_wire())
         await store.complete(key, claimed.fence, b"r", TTL)
         assert calls.take() == ["UpdateItem"]
         assert (await store.claim(req(key))).outcome is ClaimOutcome.COMPLETED
@@ -141,7 +141,7 @@ def _put(item_id: str, amount: int = 10) -> dict[str, Any]:
 
 def test_complete_with_items_commits_both(store: DynamoDBStore, side_table: str, key: str) -> None:
     claimed = store.claim(req(key))
-    calls = counting(store.client)
+    calls = store_calls(store)
     done = store.complete(key, claimed.fence, b"paid", TTL, with_items=[_put(key)])
     assert calls.take() == ["TransactWriteItems"]  # the store knows the record it claimed
     assert done.status is Status.COMPLETED and done.result == b"paid"
@@ -222,7 +222,7 @@ async def test_async_complete_with_items(server: Server, side_table: str, key: s
 
 def test_too_large_result_fails_before_the_write(store: DynamoDBStore, key: str) -> None:
     claimed = store.claim(req(key))
-    calls = counting(store.client)
+    calls = store_calls(store)
     with pytest.raises(ResultNotSerializable, match="400 KB"):
         store.complete(key, claimed.fence, os.urandom(420_000), TTL)
     assert calls.take() == []  # refused before any request
@@ -262,7 +262,7 @@ def test_max_result_size_fits_next_to_the_longest_key(server: Server, shared: bo
         assert 390_000 <= limit < 400_000
         longest = f"{uuid.uuid4().hex}:" + "🔑" * (store.max_key_length - 33)
         claimed = store.claim(req(longest))
-        calls = counting(store.client)
+        calls = store_calls(store)
         too_big = os.urandom(limit + 1)
         with pytest.raises(ResultNotSerializable, match=f"at most {limit} bytes"):
             store.complete(longest, claimed.fence, too_big, TTL)
@@ -281,7 +281,7 @@ async def test_async_too_large_result_writes_nothing(server: Server, key: str) -
     store = BACKEND.open_async(server.url(compress_above="off"))
     try:
         claimed = await store.claim(req(key))
-        calls = counting(await store._get_client())
+        calls = counting(await store._get_client(), await store._get_wire())
         with pytest.raises(ResultNotSerializable, match="nothing was written"):
             await store.complete(key, claimed.fence, b"x" * (store.max_result_size + 1), TTL)
         assert calls.take() == []
@@ -423,7 +423,7 @@ def test_clock_behind_still_gets_a_larger_fence(server: Server, key: str) -> Non
     ):
         first = ahead.claim(req(key))
         ahead.release(key, first.fence)
-        calls = counting(behind.client)
+        calls = store_calls(behind)
         second = behind.claim(req(key))
         assert second.outcome is ClaimOutcome.CLAIMED
         assert second.fence == first.fence + 1
@@ -441,6 +441,7 @@ def test_namespaces_share_a_table(server: Server, key: str) -> None:
         server.open(SHARED_TABLE, sort_key="sk", namespace="a") as a,
         server.open(SHARED_TABLE, sort_key="sk", namespace="b") as b,
     ):
+        before = time.time()
         assert a.claim(req(key)).outcome is ClaimOutcome.CLAIMED
         assert b.claim(req(key)).outcome is ClaimOutcome.CLAIMED  # another namespace
         raw = a.client.get_item(TableName=SHARED_TABLE, Key={"pk": {"S": "a"}, "sk": {"S": key}})
@@ -448,4 +449,4 @@ def test_namespaces_share_a_table(server: Server, key: str) -> None:
         ttl = int(raw["Item"]["ttl"]["N"])
         # epoch seconds, after our expiry plus the skew allowance (AWS's clock deletes)
         late = TTL + a.settings.skew_allowance
-        assert time.time() + late < ttl < time.time() + late + 10
+        assert before + late < ttl < time.time() + late + 10
