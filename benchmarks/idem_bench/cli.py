@@ -203,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=200)
     # The races provoke lost leases on purpose; their counts are the report, not log lines.
     logging.getLogger("idem_core").setLevel(logging.ERROR)
-    chosen = set(args.scenario or (s for s in ALL_SCENARIOS if s not in OPT_IN))
-    if args.keyspace is not None:
-        chosen.add("keyspace")
+    chosen = chosen_scenarios(args)
     started = time.monotonic()
     load_before = _load()
     tmp = Path(tempfile.mkdtemp(prefix="idem-bench-"))
@@ -266,6 +264,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{load_before} / {results['meta']['load_after']}"
     )
     return 0
+
+
+def chosen_scenarios(args: argparse.Namespace) -> set[str]:
+    """``--scenario`` as given, else every scenario but the opt-in ones; ``--keyspace N``
+    adds the keyspace."""
+    chosen = set(args.scenario or (s for s in ALL_SCENARIOS if s not in OPT_IN))
+    if args.keyspace is not None:
+        chosen.add("keyspace")
+    return chosen
 
 
 def _keyspace_records(args: argparse.Namespace) -> int:

@@ -80,6 +80,7 @@ def _measure(
     table = f"idem_ks_{tag}"
     prefix = f"idemks:{tag}:"
     if target.kind == "sql":
+        out["table"] = table
         url = targets.with_params(target.url, table=table)
         idem = Idempotency.from_url(url, namespace=f"ks{tag}", ttl=TTL, lease=LEASE)
     else:
@@ -172,11 +173,13 @@ def _purge(url: str, fn: Callable[..., Any], tag: str) -> dict[str, Any]:
     t0 = clock()
     thread.start()
     i = 0
-    while thread.is_alive():
+    while True:  # at least one call, however fast the purge
         s = clock()
         fn(f"{tag}{i}", 1)
         hist.record_value(max(1, clock() - s))
         i += 1
+        if not thread.is_alive():
+            break
     thread.join()
     calls = latency.summarize(hist, hist.get_total_count(), (clock() - t0) / 1e9, False)
     if "error" in box:

@@ -152,6 +152,15 @@ class Servers:
         self._dynamodb("dynamodb-local", "IDEM_BENCH_DYNAMODB_LOCAL_URL", 8000, start)
         return self.found
 
+    def dynamodb(self, name: str) -> Target | None:
+        """moto (``name="moto"``) or DynamoDB Local, found or started; None if neither
+        (see :attr:`skipped`)."""
+        env = {"moto": "IDEM_BENCH_MOTO_URL"}.get(name, "IDEM_BENCH_DYNAMODB_LOCAL_URL")
+        os.environ.update({k: os.environ.get(k, v) for k, v in FAKE_AWS.items()})
+        before = len(self.found)
+        self._dynamodb(name, env, 5000 if name == "moto" else 8000, True)
+        return self.found[-1] if len(self.found) > before else None
+
     def _redis(self) -> None:
         url = os.environ.get("IDEM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
         parts = urlsplit(url)
