@@ -157,19 +157,18 @@ def fill_redis(
     names = redis_keys(client, f"{store_prefix}*{template}*")
     if not names:
         raise RuntimeError(f"no Redis key holds {template!r} under {store_prefix!r}")
-    dumps = []
-    for name in names:
-        text_name = name.decode()
-        ttl = client.pttl(name)
-        dumps.append((text_name, client.dump(name), max(int(ttl), 0)))
+    dumps: list[tuple[str, bytes, int]] = []
+    for raw in names:
+        ttl = client.pttl(raw)
+        dumps.append((raw.decode(), client.dump(raw), max(int(ttl), 0)))
     started = time.perf_counter()
     for lo in range(1, n + 1, REDIS_CHUNK):
         hi = min(n, lo + REDIS_CHUNK - 1)
         pipe = client.pipeline(transaction=False)
         for i in range(lo, hi + 1):
             copy = copy_key(prefix, i)
-            for name, payload, ttl in dumps:
-                pipe.restore(name.replace(template, copy), ttl, payload, replace=True)
+            for original, payload, ttl in dumps:
+                pipe.restore(original.replace(template, copy), ttl, payload, replace=True)
         pipe.execute()
         if progress is not None:
             progress(hi)

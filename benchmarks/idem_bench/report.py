@@ -433,6 +433,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "throughput.png", dpi=90)
         plt.close(fig)
         made.append("throughput.png")
+    made += tables.plot(results, out)
     races = results.get("races") or []
     if races:
         labels = [f"{r['system']} @ {r['target']}" for r in races]

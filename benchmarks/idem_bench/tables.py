@@ -256,3 +256,58 @@ def console(results: dict[str, Any], out: Console) -> None:
         for row in body:
             table.add_row(*row)
         out.print(table)
+
+
+def plot(results: dict[str, Any], out: Any) -> list[str]:
+    """scaling.png (first calls/s at c=1, 16, 64 per store and mode) and, with the keyspace
+    scenario, keyspace.png (p50 with a handful of records and with N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[str] = []
+    rows = results.get("scaling") or scaling(results)
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
+        width = 0.27
+        for j, c in enumerate(("1", "16", "64")):
+            xs = [i + (j - 1) * width for i in range(len(rows))]
+            ys = [r["throughput"].get(c) or 0 for r in rows]
+            ax.bar(xs, ys, width, label=f"c={c}")
+        labels = [f"{r['target']}\n{r['mode']}" for r in rows]
+        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30)
+        ax.set_yscale("log")
+        ax.set_ylabel("first calls / s (log)")
+        ax.set_title("First-call throughput at concurrency 1, 16 and 64")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=90)
+        plt.close(fig)
+        made.append("scaling.png")
+    done = [k for k in results.get("keyspace", []) if "full" in k]
+    if done:
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(done) + 2), 4))
+        bars = [
+            ("first, empty", "empty", "first"),
+            ("first, full", "full", "first"),
+            ("replay, empty", "empty", "replay"),
+            ("replay, full", "full", "replay"),
+        ]
+        width = 0.2
+        for j, (label, phase, sc) in enumerate(bars):
+            xs = [i + (j - 1.5) * width for i in range(len(done))]
+            ys = [k[phase][sc].get("p50_us") or 0 for k in done]
+            ax.bar(xs, ys, width, label=label)
+        ax.set_xticks(range(len(done)), [f"{k['target']}\n{k['records']:,}" for k in done])
+        ax.set_yscale("log")
+        ax.set_ylabel("p50 µs (log)")
+        ax.set_title("Latency with a handful of records and with N live records")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(out / "keyspace.png", dpi=90)
+        plt.close(fig)
+        made.append("keyspace.png")
+    return made

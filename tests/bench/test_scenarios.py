@@ -184,3 +184,6 @@ def test_cli_reports_the_new_sections(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     for title in ("Throughput against concurrency", "Bytes per record", "keyspace grows"):
         assert title in report
+    for png in ("scaling.png", "keyspace.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report
