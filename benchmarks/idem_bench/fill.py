@@ -7,7 +7,8 @@ copy must know of a store's layout, and it is found rather than assumed, once pe
 * SQL: the columns whose value is the template's key (looked up by value, so a renamed or
   added column still copies). ``INSERT ... SELECT`` over a generated series, in chunks.
 * Redis: the server keys a record occupies (found with ``SCAN`` under a prefix only the
-  template uses, so side keys are copied too). ``DUMP`` once, ``RESTORE`` per copy, pipelined.
+  template uses, so side keys are copied too). ``DUMP`` once, ``RESTORE`` per copy, in a
+  server-side script (the copies never cross the network).
 
 :func:`check_sample` reads copies back through the store, so a layout that ties more than the
 key to a record (a checksum of the key, say) fails loudly instead of benchmarking garbage.
@@ -25,9 +26,9 @@ from idem_core.record import ClaimRequest, Record
 
 from .targets import Target
 
-#: rows per ``INSERT ... SELECT`` (one transaction each), keys per Redis pipeline
+#: rows per ``INSERT ... SELECT`` (one transaction each), copies per Redis script call
 SQL_CHUNK = 50_000
-REDIS_CHUNK = 5_000
+REDIS_CHUNK = 20_000
 
 
 def copy_key(prefix: str, i: int) -> str:
@@ -144,6 +145,17 @@ def redis_keys(client: Any, pattern: str) -> list[bytes]:
     return list(client.scan_iter(match=pattern, count=1000))
 
 
+#: RESTOREs one template key's payload under copies ``lo`` .. ``hi``, on the server: the copies
+#: never cross the network (the script names keys it was not given, so standalone Redis only)
+_RESTORE_RANGE = """
+local before, after, prefix, ttl, payload = ARGV[1], ARGV[2], ARGV[3], ARGV[6], ARGV[7]
+for i = tonumber(ARGV[4]), tonumber(ARGV[5]) do
+  redis.call('RESTORE', before .. prefix .. i .. after, ttl, payload, 'REPLACE')
+end
+return 1
+"""
+
+
 def fill_redis(
     client: Any,
     store_prefix: str,
@@ -157,19 +169,16 @@ def fill_redis(
     names = redis_keys(client, f"{store_prefix}*{template}*")
     if not names:
         raise RuntimeError(f"no Redis key holds {template!r} under {store_prefix!r}")
-    dumps: list[tuple[str, bytes, int]] = []
+    dumps: list[tuple[str, str, bytes, int]] = []
     for raw in names:
-        ttl = client.pttl(raw)
-        dumps.append((raw.decode(), client.dump(raw), max(int(ttl), 0)))
+        before, _, after = raw.decode().partition(template)
+        dumps.append((before, after, client.dump(raw), max(int(client.pttl(raw)), 0)))
+    restore = client.register_script(_RESTORE_RANGE)
     started = time.perf_counter()
     for lo in range(1, n + 1, REDIS_CHUNK):
         hi = min(n, lo + REDIS_CHUNK - 1)
-        pipe = client.pipeline(transaction=False)
-        for i in range(lo, hi + 1):
-            copy = copy_key(prefix, i)
-            for original, payload, ttl in dumps:
-                pipe.restore(original.replace(template, copy), ttl, payload, replace=True)
-        pipe.execute()
+        for before, after, payload, ttl in dumps:
+            restore(keys=[], args=[before, after, prefix, lo, hi, ttl, payload])
         if progress is not None:
             progress(hi)
     return time.perf_counter() - started
