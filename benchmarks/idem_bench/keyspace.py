@@ -47,6 +47,12 @@ def run(
         return {"target": target.name, "skipped": "SQL and standalone Redis only"}
     with _server(target) as (server, note, private):
         out: dict[str, Any] = {"target": target.name, "records": records, "server": note}
+        if server.kind == "redis" and server.shared:
+            out["skipped"] = (
+                "no redis-server on PATH to start a private one: the shared server is not "
+                "filled (give a server of yours with --url)"
+            )
+            return out
         try:
             _measure(server, private, records, seconds, say, out)
         except Exception as exc:

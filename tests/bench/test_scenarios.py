@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from idem_bench import cli, coldstart, fill, footprint, keyspace
+from idem_bench import cli, coldstart, fill, footprint, keyspace, targets
 from idem_bench.targets import Target, port_open
 from sqlalchemy import inspect
 
@@ -187,3 +187,12 @@ def test_cli_reports_the_new_sections(tmp_path: Path) -> None:
     for png in ("scaling.png", "keyspace.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
+
+
+def test_keyspace_never_fills_the_shared_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import server_target
+
+    target = server_target("redis")  # shared, as --local finds it
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)  # no private server
+    result = keyspace.run(target, SMALL, seconds=0.1)
+    assert "skipped" in result and "full" not in result
