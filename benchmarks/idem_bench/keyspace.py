@@ -138,6 +138,9 @@ def _measure(
 
             with contextlib.suppress(Exception):
                 _drop(engine, table)
+                if engine.dialect.name == "sqlite":  # give the file its space back
+                    with engine.connect() as conn:
+                        conn.exec_driver_sql("VACUUM")
             engine.dispose()
         if redis is not None:
             if not private:
