@@ -90,6 +90,7 @@ def _measure(
         url = targets.with_params(target.url, table=table)
         idem = Idempotency.from_url(url, namespace=f"ks{tag}", ttl=TTL, lease=LEASE)
     else:
+        out["prefix"] = prefix
         url = target.url
         idem = Idempotency.from_url(
             url, namespace=f"ks{tag}", ttl=TTL, lease=LEASE, store_options={"prefix": prefix}

@@ -199,3 +199,20 @@ def test_keyspace_never_fills_the_shared_redis(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(targets.shutil, "which", lambda name: None)  # no private server
     result = keyspace.run(target, SMALL, seconds=0.1)
     assert "skipped" in result and "full" not in result
+
+
+def test_keyspace_on_a_given_redis_deletes_its_copies() -> None:
+    import redis
+    from conftest import server_target
+
+    target = server_target("redis")
+    target.shared = False  # as if given with --url: filled, then cleaned
+    result = keyspace.run(target, SMALL, seconds=0.05)
+    assert "error" not in result, result
+    assert result["server"] == "the target's own server"
+    assert result["keys_after_fill"] >= SMALL
+    client = redis.Redis.from_url(target.url)
+    try:
+        assert not list(client.scan_iter(match=result["prefix"] + "*", count=1000))
+    finally:
+        client.close()
