@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -252,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if servers is not None:
             servers.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the embedded SQLite database
     results["meta"]["load_after"] = _load()
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     report.ratios(results)

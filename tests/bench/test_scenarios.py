@@ -4,6 +4,7 @@ report's fields exist and are sane (never timing targets)."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +167,10 @@ def test_keyspace_is_opt_in() -> None:
     assert chosen == {"first", "keyspace"}
 
 
-def test_cli_reports_the_new_sections(tmp_path: Path) -> None:
+def test_cli_reports_the_new_sections(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     out = tmp_path / "out"
     db = tmp_path / "bench.db"
     argv = ["--no-embedded", "--url", f"sqlite:///{db}", "--url", "memory://"]
@@ -187,6 +191,7 @@ def test_cli_reports_the_new_sections(tmp_path: Path) -> None:
     report = (out / "report.md").read_text()
     for title in ("Throughput against concurrency", "Bytes per record", "keyspace grows"):
         assert title in report
+    assert not list(scratch.iterdir())  # the run's temporary folder is gone
     for png in ("scaling.png", "keyspace.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
