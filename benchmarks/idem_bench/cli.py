@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -28,11 +29,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import latency, overhead, races, report, rigs, targets
+from . import coldstart, footprint, keyspace, latency, overhead, races, report, rigs, targets
 from .targets import Target
 
 RACE_NAMES = races.RACES
-ALL_SCENARIOS = (*latency.SCENARIOS, *RACE_NAMES, "overhead")
+ALL_SCENARIOS = (*latency.SCENARIOS, *RACE_NAMES, "overhead", "footprint", "coldstart", "keyspace")
+#: scenarios that run only when named (``--scenario``, or ``--keyspace N``): minutes each
+OPT_IN = ("keyspace",)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -57,6 +60,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--url", action="append", default=[], help="a store URL to add (repeatable)")
     p.add_argument(
         "--local", action="store_true", help="use every server found or started on loopback"
+    )
+    p.add_argument(
+        "--keyspace",
+        type=int,
+        metavar="N",
+        help="run the keyspace scenario with N live and N expired records "
+        f"(default {keyspace.DEFAULT_RECORDS:,}; implies --scenario keyspace)",
     )
     p.add_argument(
         "--no-embedded",
@@ -194,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=200)
     # The races provoke lost leases on purpose; their counts are the report, not log lines.
     logging.getLogger("idem_core").setLevel(logging.ERROR)
-    chosen = set(args.scenario or ALL_SCENARIOS)
+    chosen = chosen_scenarios(args)
     started = time.monotonic()
     load_before = _load()
     tmp = Path(tempfile.mkdtemp(prefix="idem-bench-"))
@@ -227,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "cell_seconds": settings.cell_seconds,
                 "max_ops": settings.max_ops,
                 "race_lease_s": races.RACE_LEASE,
+                "keyspace_records": _keyspace_records(args) if "keyspace" in chosen else None,
             },
         },
         "targets": {t.name: t.url for t in found},
@@ -242,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if servers is not None:
             servers.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # the embedded SQLite database
     results["meta"]["load_after"] = _load()
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     report.ratios(results)
@@ -254,6 +266,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{load_before} / {results['meta']['load_after']}"
     )
     return 0
+
+
+def chosen_scenarios(args: argparse.Namespace) -> set[str]:
+    """``--scenario`` as given, else every scenario but the opt-in ones; ``--keyspace N``
+    adds the keyspace."""
+    chosen = set(args.scenario or (s for s in ALL_SCENARIOS if s not in OPT_IN))
+    if args.keyspace is not None:
+        chosen.add("keyspace")
+    return chosen
+
+
+def _keyspace_records(args: argparse.Namespace) -> int:
+    return int(args.keyspace) if args.keyspace is not None else keyspace.DEFAULT_RECORDS
 
 
 def _systems(t: Target, peers: bool) -> list[tuple[str, str]]:
@@ -312,6 +337,49 @@ def run_all(
                     res = races.run_races(spec, race_names, step)
                     progress.update(task, completed=len(race_names))
                     results["races"].append({"target": t.name, "system": system, "results": res})
+        _more(args, settings, found, chosen, results, progress)
+
+
+def _more(
+    args: argparse.Namespace,
+    settings: latency.Settings,
+    found: list[Target],
+    chosen: set[str],
+    results: dict[str, Any],
+    progress: Progress,
+) -> None:
+    """Bytes per record, cold starts and the keyspace: one cell per target each."""
+    runs: list[tuple[str, Callable[[Target], bool], Callable[[Target, Any], Any]]] = [
+        (
+            "footprint",
+            footprint.supports,
+            lambda t, say: footprint.run(t, calls=300 if args.quick else footprint.CALLS),
+        ),
+        (
+            "coldstart",
+            coldstart.supports,
+            lambda t, say: coldstart.run(t, args.peers, 3 if args.quick else coldstart.RUNS),
+        ),
+        (
+            "keyspace",
+            keyspace.supports,
+            lambda t, say: keyspace.run(t, _keyspace_records(args), settings.latency_seconds, say),
+        ),
+    ]
+    for name, supports, run in runs:
+        if name not in chosen:
+            continue
+        results[name] = []
+        for t in found:
+            if not supports(t):
+                continue
+            task = progress.add_task(f"{name} {t.name}", total=1)
+
+            def say(text: str, task: Any = task, label: str = f"{name} {t.name}") -> None:
+                progress.update(task, description=f"{label}: {text}"[:48])
+
+            results[name].append(run(t, say))
+            progress.update(task, completed=1, description=f"{name} {t.name}")
 
 
 def _latency(

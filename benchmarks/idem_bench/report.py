@@ -10,6 +10,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from . import tables
+
 LAT_SCENARIOS = ("first", "replay", "conflict", "claim_many", "steps")
 
 
@@ -63,6 +65,7 @@ def ratios(results: dict[str, Any]) -> None:
         cost = step_cost(s)
         if cost is not None:
             s["step_cost"] = cost
+    results["scaling"] = tables.scaling(results)
 
 
 def step_cost(section: dict[str, Any]) -> dict[str, Any] | None:
@@ -180,6 +183,7 @@ def summary(results: dict[str, Any], console: Console) -> None:
             else:
                 ot.add_row(name, o.get("skipped") or o.get("error", ""), "", "")
         console.print(ot)
+    tables.console(results, console)
     if results.get("races"):
         rt_table = Table(title="Races")
         cols = (
@@ -334,6 +338,7 @@ def markdown(results: dict[str, Any], plots: list[str], images: str = "", level:
                 )
             else:
                 lines.append(f"| {name} | {o.get('skipped') or o.get('error')} | | |")
+    lines += tables.markdown(results, h2)
     if results.get("races"):
         lines += ["", f"{h2} Races", ""]
         lines.append(
@@ -428,6 +433,7 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
         fig.savefig(out / "throughput.png", dpi=90)
         plt.close(fig)
         made.append("throughput.png")
+    made += tables.plot(results, out)
     races = results.get("races") or []
     if races:
         labels = [f"{r['system']} @ {r['target']}" for r in races]

@@ -42,6 +42,9 @@ class Target:
     #: the database behind a SQL URL: sqlite | postgresql | mysql
     database: str = ""
     cluster: bool = False
+    #: found on loopback by ``--local``: a server others use, where the bench does not reset
+    #: statistics or park a million keys (it starts a private Redis for those where it can)
+    shared: bool = False
 
     @property
     def client_clock(self) -> bool:
@@ -53,10 +56,11 @@ class Target:
 
 
 def with_params(url: str, **params: object) -> str:
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    query.update({k: str(v) for k, v in params.items()})
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    # the part before "?" stays as written: urlunsplit would turn sqlite:////abs into //abs
+    base, _, query = url.partition("?")
+    merged = dict(parse_qsl(query, keep_blank_values=True))
+    merged.update({k: str(v) for k, v in params.items()})
+    return f"{base}?{urlencode(merged)}"
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -148,6 +152,15 @@ class Servers:
         self._dynamodb("dynamodb-local", "IDEM_BENCH_DYNAMODB_LOCAL_URL", 8000, start)
         return self.found
 
+    def dynamodb(self, name: str) -> Target | None:
+        """moto (``name="moto"``) or DynamoDB Local, found or started; None if neither
+        (see :attr:`skipped`)."""
+        env = {"moto": "IDEM_BENCH_MOTO_URL"}.get(name, "IDEM_BENCH_DYNAMODB_LOCAL_URL")
+        os.environ.update({k: os.environ.get(k, v) for k, v in FAKE_AWS.items()})
+        before = len(self.found)
+        self._dynamodb(name, env, 5000 if name == "moto" else 8000, True)
+        return self.found[-1] if len(self.found) > before else None
+
     def _redis(self) -> None:
         url = os.environ.get("IDEM_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
         parts = urlsplit(url)
@@ -155,7 +168,9 @@ class Servers:
         if not port_open(host, port):
             self.skipped["redis"] = f"nothing listens on {host}:{port} (IDEM_BENCH_REDIS_URL)"
             return
-        self.found.append(target_for_url(url, "redis"))
+        found = target_for_url(url, "redis")
+        found.shared = True
+        self.found.append(found)
 
     def _sql(self, name: str, env: str, default: str, port: int) -> None:
         url = os.environ.get(env, default)
@@ -292,6 +307,52 @@ class Servers:
                 s.process.wait(5)
         self.started.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class PrivateRedis:
+    """A throwaway ``redis-server`` on a free loopback port: no persistence, ours to
+    ``CONFIG RESETSTAT`` and fill."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    folder: Path
+
+    @classmethod
+    def start(cls) -> PrivateRedis | None:
+        """None when no ``redis-server`` is on PATH or it does not come up."""
+        server = shutil.which("redis-server")
+        if server is None:
+            return None
+        port = free_port()
+        folder = Path(tempfile.mkdtemp(prefix="idem-bench-redis-"))
+        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(folder)]
+        log = (folder / "redis.log").open("wb")
+        process = subprocess.Popen(
+            argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        private = cls(f"redis://127.0.0.1:{port}/0", process, folder)
+        try:
+            _wait_port(port, 15)
+        except TimeoutError:
+            private.stop()
+            return None
+        return private
+
+    def describe(self) -> str:
+        return f"a redis-server the bench started ({self.url})"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _cluster_ports(n: int) -> list[int]:
