@@ -9,6 +9,7 @@ flush when it ends.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import threading
 import time
 import uuid
@@ -344,6 +345,46 @@ async def test_zombie_is_refused_in_a_batch_async(astore: Any) -> None:
     assert isinstance(zombie, LeaseLost), repr(zombie)
     assert winner.result == b"winner"
     assert astore._coalescer.batches >= 1
+
+
+@pytest.mark.slow
+def test_processes_of_threads_one_execution_per_key(pg_url: str) -> None:
+    """4 processes of 8 threads deliver the same 200 keys, each thread in its own order:
+    batches of different processes contend for the same rows (and may deadlock, then be
+    replayed one by one); still exactly one execution per key, every record completed."""
+    from coalesce_workers import threaded_race
+    from sql_workers import executions_table
+    from sqlalchemy import create_engine, func, select
+
+    run = uuid.uuid4().hex[:8]
+    keys = [f"prace-{run}-{i}" for i in range(200)]
+    base = pg_url.split("?", 1)[0]
+    side = create_engine(base)
+    table = executions_table(f"idem_cexec_{run}")
+    table.metadata.create_all(side)
+    try:
+        start = time.time() + 3.0
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(4) as pool:
+            out = pool.map(threaded_race, [(pg_url, base, table.name, keys, start, 8)] * 4)
+        assert sum(executed for executed, _ in out) == len(keys)
+        assert sum(batches for _, batches in out) > 0, "nothing was coalesced"
+        with side.connect() as conn:
+            counts = dict(
+                conn.execute(select(table.c.key, func.count()).group_by(table.c.key)).all()
+            )
+        assert set(counts) == set(keys)
+        assert set(counts.values()) == {1}, "a key was executed twice"
+        store = open_store(pg_url)
+        try:
+            for key in keys:
+                record = store.get(key)
+                assert record is not None and record.result == key.encode()
+        finally:
+            store.close()
+    finally:
+        table.drop(side, checkfirst=True)
+        side.dispose()
 
 
 # -- lost replies --------------------------------------------------------------------------
