@@ -1,13 +1,20 @@
-"""The asyncio SQLite store's calls, run on a thread of its own with the sync store's cursors.
+"""The asyncio SQLite store's calls, run with the sync store's cursors: inline when they
+cannot wait, else on a thread of the store's own.
 
 Through aiosqlite, every cursor call (execute, fetch, description, close) is a hop to
 aiosqlite's thread and back, under SQLAlchemy's greenlet bridge: about 1 ms per operation,
-against tens of microseconds for the sync store's cursor. :class:`AsyncSQLiteStore` instead
-hands each whole program (:mod:`idem_sql.ops`) to one worker thread per store, which runs it
-on a pooled ``sqlite3`` connection exactly as :class:`~idem_sql.store.SQLStore` does (its
-:class:`~idem_sql.caches.ConnectionCache`), and resolves the caller's future with
-``loop.call_soon_threadsafe``: one hop per operation. A locked database (``busy_timeout``)
-makes the worker wait, never the event loop.
+against tens of microseconds for the sync store's cursor. :class:`AsyncSQLiteStore` runs
+each program (:mod:`idem_sql.ops`) on a pooled ``sqlite3`` connection exactly as
+:class:`~idem_sql.store.SQLStore` does (compiled statements on a held cursor):
+
+* the short ones (a claim, a completion, a release, a renewal, a read) on the event loop's
+  thread, on a connection that never waits for a lock nor checkpoints (:class:`_Inline`);
+  a statement that finds the database locked has done nothing, and it and the rest of the
+  program go to the worker;
+* everything else, on one worker thread per store (its
+  :class:`~idem_sql.caches.ConnectionCache`), which resolves the caller's future with
+  ``loop.call_soon_threadsafe``: one hop per operation, and a locked database
+  (``busy_timeout``) makes the worker wait, never the event loop.
 
 Only our own engine on a database file takes this path (an in-memory database is one
 connection, the async engine's). What does not run a program (creating the table,
