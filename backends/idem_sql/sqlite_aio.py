@@ -282,12 +282,13 @@ class AsyncSQLiteStore(AsyncSQLStore):
         """Whether programs run on the store's worker thread (this class: always)."""
         return True
 
-    async def _execute(self, program: Program[T]) -> T:
+    async def _execute(self, program: Program[T], *, hot: bool = False) -> T:
+        # ``hot`` asks for coalescing, which only PostgreSQL does: here a call runs inline.
         assert self._engine is not None
         dispatch = self._engine.sync_engine.dispatch
         if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
             # Statement listeners watch the async engine: let them see the statements.
-            return await super()._execute(program)
+            return await super()._execute(program, hot=hot)
         worker = self._worker
         if getattr(program, "__name__", "") in _SHORT and worker.inline.usable:
             done, value = worker.inline.run(program)
