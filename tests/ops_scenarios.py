@@ -139,13 +139,15 @@ def bulk_scenario(
     assert max(pages) <= page and len(pages) >= TOTAL // page and sum(pages) == TOTAL
 
     size = ("--page-size", str(page))
-    code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--json", *size)
+    code, out, err = cli(capsys, "ls", url, "--prefix", head, "--json", *size)
     rows = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and len(rows) == TOTAL and len({r["key"] for r in rows}) == TOTAL
+    assert code == 0, err
+    assert len(rows) == TOTAL and len({r["key"] for r in rows}) == TOTAL, out[-2000:]
     if thorough:
-        code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--status", "completed", *size)
-        assert code == 0 and len(out.splitlines()) == N_COMPLETED
-        code, out, _ = cli(
+        code, out, err = cli(capsys, "ls", url, "--prefix", head, "--status", "completed", *size)
+        assert code == 0, err
+        assert len(out.splitlines()) == N_COMPLETED, out[-2000:]
+        code, out, err = cli(
             capsys,
             "ls",
             url,
@@ -157,34 +159,43 @@ def bulk_scenario(
             "1h",
             *size,
         )
-        assert code == 0 and out == ""
-    code, out, _ = cli(capsys, "ls", url, "--prefix", f"{head}s", "--older-than", "1m", *size)
-    assert code == 0 and len(out.splitlines()) == N_STUCK
-    code, out, _ = cli(capsys, "ls", url, "--prefix", head, "--limit", "7")
-    assert code == 0 and len(out.splitlines()) == 7
+        assert code == 0, err
+        assert out == "", out[-2000:]
+    code, out, err = cli(capsys, "ls", url, "--prefix", f"{head}s", "--older-than", "1m", *size)
+    assert code == 0, err
+    assert len(out.splitlines()) == N_STUCK, out[-2000:]
+    code, out, err = cli(capsys, "ls", url, "--prefix", head, "--limit", "7")
+    assert code == 0, err
+    assert len(out.splitlines()) == 7, out[-2000:]
 
-    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "5", "--json", *size)
+    code, out, err = cli(capsys, "stuck", url, "--prefix", head, "--limit", "5", "--json", *size)
     stuck = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and [r["key"] for r in stuck] == [f"{head}s{i:05d}" for i in range(5)]
+    assert code == 0, err
+    assert [r["key"] for r in stuck] == [f"{head}s{i:05d}" for i in range(5)], out[-2000:]
     assert all(r["lease"] == "lapsed" for r in stuck)
     if thorough:
-        code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "20000", *size)
-        assert code == 0 and len(out.splitlines()) == N_STUCK
+        code, out, err = cli(capsys, "stuck", url, "--prefix", head, "--limit", "20000", *size)
+        assert code == 0, err
+        assert len(out.splitlines()) == N_STUCK, out[-2000:]
 
     first = f"{head}s00000"
-    code, out, _ = cli(capsys, "inspect", url, first, "--json")
-    assert code == 0 and json.loads(out)["status"] == "in_progress"
+    code, out, err = cli(capsys, "inspect", url, first, "--json")
+    assert code == 0, err
+    assert json.loads(out)["status"] == "in_progress", out[-2000:]
     code, out, err = cli(capsys, "release", url, f"{head}l00000")
     assert code == 2 and "live lease" in err and err.count("\n") == 1 and not out
-    code, out, _ = cli(capsys, "release", url, first)
-    assert code == 0 and "released" in out
-    code, out, _ = cli(capsys, "stuck", url, "--prefix", head, "--limit", "1", "--json", *size)
+    code, out, err = cli(capsys, "release", url, first)
+    assert code == 0, err
+    assert "released" in out, out[-2000:]
+    code, out, err = cli(capsys, "stuck", url, "--prefix", head, "--limit", "1", "--json", *size)
     assert json.loads(out)["key"] == f"{head}s00001"
     live = store.get(f"{head}l00001")
-    code, out, _ = cli(capsys, "release", url, live.key, "--fence", str(live.fence), "--json")
-    assert code == 0 and json.loads(out)["lease"] == "released"
-    code, out, _ = cli(capsys, "forget", url, f"{head}c00000", f"{head}nope", "--json")
-    assert code == 0 and [json.loads(x)["forgotten"] for x in out.splitlines()] == [True, False]
+    code, out, err = cli(capsys, "release", url, live.key, "--fence", str(live.fence), "--json")
+    assert code == 0, err
+    assert json.loads(out)["lease"] == "released", out[-2000:]
+    code, out, err = cli(capsys, "forget", url, f"{head}c00000", f"{head}nope", "--json")
+    assert code == 0, err
+    assert [json.loads(x)["forgotten"] for x in out.splitlines()] == [True, False], out[-2000:]
     code, out, err = cli(capsys, "inspect", url, f"{head}c00000")
     assert code == 1 and "no record" in err and err.count("\n") == 1
 

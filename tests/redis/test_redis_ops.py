@@ -66,7 +66,7 @@ def test_prefix_with_glob_characters_is_literal(store: Any) -> None:
     keys = ["g*:1", "g?:1", "g[a]:1", "ga:1", "g\\:1"]
     _loader(store)(
         [
-            Record(k, Status.COMPLETED, "0" * 32, 1, 0, now + 60_000_000, "a", now, now, None)
+            Record(k, Status.COMPLETED, "0" * 32, 1, 0, now + 3_600_000_000, "a", now, now, None)
             for k in keys
         ]
     )
