@@ -5,7 +5,8 @@ URL options (keyword options of ``open``/``open_async`` override them): ``region
 ``namespace`` (a shared table: the partition holds ``namespace``, the sort key the idempotency
 key), ``ttl_attr`` (default ``ttl``), ``connect_timeout``, ``read_timeout``, ``retry_mode``
 (``standard``/``adaptive``/``legacy``), ``max_attempts``, ``skew_allowance`` (seconds,
-default 300), ``compress_above`` (bytes, default 65536, ``off`` to disable), ``pool_size``; and
+default 300), ``compress_above`` (bytes, default 65536, ``off`` to disable), ``pool_size``,
+``lean`` (default 1: the hot operations skip botocore, see :mod:`idem_dynamodb.wire`); and
 as keyword only, ``clock`` (an :class:`idem_core.clock.Clock`) and ``monotonic`` (monotonic
 microseconds). Every option is validated when the store is built.
 """
