@@ -457,31 +457,59 @@ class PostgresSQL(SQL):
         raise self._gave_up(request.key)
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> Program[list[ClaimResult]]:
-        if len({r.key for r in requests}) != len(requests) or len(requests) < 2:
-            # ON CONFLICT cannot touch one row twice in a statement; keep call order instead.
+        """One multi-row statement for the whole batch, whatever its keys.
+
+        ON CONFLICT cannot touch one row twice in a statement, so each round sends the
+        first unsettled request of every key. A key the batch repeats is settled from the
+        same rows: the record its first request left, at that statement's time, is what a
+        claim right after it finds (not takeable: it was just written or found live). Only
+        a lost race, or a record already takeable again (a lease of 0), needs another round.
+        """
+        if len(requests) < 2:
             return (yield from super().claim_many(requests))
-        params = [_claim_params(r) for r in requests]
-        rows = (
-            yield (
-                self.stmt_claim_many,
-                {
-                    "keys": [p["key"] for p in params],
-                    "fingerprints": [p["fingerprint"] for p in params],
-                    "attempts": [p["attempt"] for p in params],
-                    "leases": [p["lease"] for p in params],
-                    "lives": [p["life"] for p in params],
-                },
-            )
-        ).rows
-        by_key = {decode(row[1:11]).key: row for row in rows}
-        results = []
-        for request in requests:
-            row = by_key.get(request.key)
-            result = None if row is None else self._interpret(request, row)
-            if result is None:
-                result = yield from self.claim(request)
-            results.append(result)
-        return results
+        answers: list[ClaimResult | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        for _ in range(_MAX_RACES):
+            firsts: dict[str, int] = {}
+            for i in pending:
+                firsts.setdefault(requests[i].key, i)
+            # Sorted by key: concurrent batches take their row locks in the same order.
+            params = [_claim_params(requests[firsts[key]]) for key in sorted(firsts)]
+            rows = (
+                yield (
+                    self.stmt_claim_many,
+                    {
+                        "keys": [p["key"] for p in params],
+                        "fingerprints": [p["fingerprint"] for p in params],
+                        "attempts": [p["attempt"] for p in params],
+                        "leases": [p["lease"] for p in params],
+                        "lives": [p["life"] for p in params],
+                    },
+                )
+            ).rows
+            by_key = {decode(row[1:11]).key: row for row in rows}
+            settled: dict[str, tuple[Record, int]] = {}
+            unsettled = []
+            for i in pending:
+                request = requests[i]
+                result: ClaimResult | None = None
+                if firsts[request.key] == i:
+                    if (row := by_key.get(request.key)) is not None:
+                        result = self._interpret(request, row)
+                        if result is not None:
+                            settled[request.key] = (result.record, int(row[11]))
+                elif (seen := settled.get(request.key)) is not None:
+                    result = _found(request, *seen)
+                if result is None:
+                    # This key's later requests wait too: they must see what this one leaves.
+                    settled.pop(request.key, None)
+                    unsettled.append(i)
+                else:
+                    answers[i] = result
+            pending = unsettled
+            if not pending:
+                return [answer for answer in answers if answer is not None]
+        raise self._gave_up(requests[pending[0]].key)
 
 
 def sql_for(dialect: Dialect, table: str) -> SQL:

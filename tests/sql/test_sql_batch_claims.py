@@ -1,4 +1,5 @@
-"""Batch claims: a fixed number of statements whatever the batch's size (SQLite, MariaDB), and
+"""Batch claims: a fixed number of statements whatever the batch's size (PostgreSQL, SQLite,
+MariaDB), and
 the same answers as one claim after another, for every kind of key a batch can meet. Also the
 MariaDB statement forms the claim counts depend on: the placeholder row a completion on a
 missing key writes and removes, a connection whose session variables were never defined, and
@@ -16,7 +17,7 @@ from pool_watch import PoolWatch, assert_no_leak
 from sqlalchemy import create_engine, text
 from test_sql_round_trips import Counter, counting_store
 
-from idem_core.errors import LeaseLost
+from idem_core.errors import LeaseLost, StoreUnavailable
 from idem_core.record import ClaimOutcome, ClaimRequest
 from idem_core.registry import open_store
 
@@ -32,10 +33,11 @@ KINDS = {
     "again_new": ClaimOutcome.IN_PROGRESS,  # the batch's own "new" key, a second time
     "again_lapsed": ClaimOutcome.IN_PROGRESS,  # the batch's own "lapsed" key, a second time
 }
-# Statements for a batch of any size: SQLite's upsert, read and take, then the read that
-# settles a key the batch itself took; MariaDB's variables, then the upsert.
-MIXED_STATEMENTS = {"sqlite": 4, "mysql": 2}
-NEW_STATEMENTS = {"sqlite": 1, "mysql": 2}
+# Statements for a batch of any size: PostgreSQL's one multi-row claim (a key the batch
+# repeats is settled from that statement's rows); SQLite's upsert, read and take, then the read
+# that settles a key the batch itself took; MariaDB's variables, then the upsert.
+MIXED_STATEMENTS = {"postgresql": 1, "sqlite": 4, "mysql": 2}
+NEW_STATEMENTS = {"postgresql": 1, "sqlite": 1, "mysql": 2}
 
 
 def req(key: str, *, lease: float = 30.0, ttl: float = 60.0, fp: str = "fp") -> ClaimRequest:
@@ -123,8 +125,8 @@ def test_new_keys_fixed_statements(
     statements = counter.take()
     assert all(r.outcome is ClaimOutcome.CLAIMED for r in results)
     print(f"\n{db}/{flavour}: claim_many({n}) of new keys: {statements} statements")
-    if db == "postgresql" or flavour == "mysql8":
-        return  # PostgreSQL: one statement (tests/sql/test_sql_round_trips.py); MySQL 8: 2n
+    if flavour == "mysql8":
+        return  # MySQL 8: 2n
     assert statements == (1 if n == 1 else NEW_STATEMENTS[db])
 
 
@@ -139,7 +141,7 @@ def test_mixed_keys_fixed_statements(
     statements = counter.take()
     print(f"\n{db}/{flavour}: claim_many({n}) of mixed keys: {statements} statements")
     _check(store, batch, results)
-    if db != "postgresql" and flavour != "mysql8":
+    if flavour != "mysql8":
         assert statements == MIXED_STATEMENTS[db]
 
 
@@ -156,6 +158,110 @@ def test_same_answers_as_one_by_one(db_url: str, flavour: str) -> None:
         assert together == one_by_one
     finally:
         store.close()
+
+
+def test_one_key_many_times(db: str, db_url: str) -> None:
+    """A key repeated through a batch gets, request by request, what claims one after another
+    get: the first claims it, the rest find it held (or take it over, on a lease of 0)."""
+    store = open_store(db_url)
+    counter = Counter()
+    counting = counting_store(db_url, counter)
+    try:
+        counting.now()
+        for lease, fps in ((30.0, ["fp", "fp", "other", "fp"] * 10), (0.0, ["fp"] * 3)):
+            keys = [f"batch-rep-{uuid.uuid4().hex}" for _ in range(2)]
+            batch, twins = ([req(key, lease=lease, fp=fp) for fp in fps] for key in keys)
+            one_by_one = [store.claim(request).outcome for request in twins]
+            counter.take()
+            together = counting.claim_many(batch)
+            statements = counter.take()
+            assert [r.outcome for r in together] == one_by_one
+            assert together[0].outcome is ClaimOutcome.CLAIMED
+            if db == "postgresql" and lease:
+                assert statements == 1
+            final = store.get(keys[0])
+            assert final is not None
+            assert together[-1].record.fence == final.fence
+    finally:
+        counting.close()
+        store.close()
+
+
+def _race(stores: list[Any], keys: list[str], lease: float) -> list[Any]:
+    """Every store's batch of all ``keys`` (ten twice), each in its own order, at once."""
+    import random
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    barrier = threading.Barrier(len(stores))
+
+    def run(store: Any) -> list[Any]:
+        mine = keys + random.sample(keys, 10)
+        random.shuffle(mine)
+        barrier.wait()
+        return list(store.claim_many([req(k, lease=lease) for k in mine]))
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        return [r for rs in pool.map(run, stores) for r in rs]
+
+
+def test_concurrent_batches_one_owner_per_key(
+    db: str, db_url: str, request: pytest.FixtureRequest
+) -> None:
+    """Batches racing on the same keys (in their own orders, some twice): every key is
+    claimed by exactly one request; then, its lease lapsed, taken over by exactly one."""
+    if db == "mysql":
+        # Found while extending these tests to PostgreSQL: MariaDB's multi-row upsert locks
+        # rows in the batch's order, so two batches crossing keys deadlock (error 1213).
+        request.applymarker(
+            pytest.mark.xfail(reason="MariaDB batches deadlock", raises=StoreUnavailable)
+        )
+    stores = [open_store(db_url) for _ in range(4)]
+    keys = [f"batch-race-{uuid.uuid4().hex}" for _ in range(40)]
+    try:
+        for lease, wanted in ((1.5, ClaimOutcome.CLAIMED), (30.0, ClaimOutcome.TOOK_OVER)):
+            won = [r for r in _race(stores, keys, lease) if r.outcome.acquired]
+            assert sorted(r.record.key for r in won) == sorted(keys)
+            assert {r.outcome for r in won} == {wanted}
+            time.sleep(1.6)  # the first round's leases lapse
+    finally:
+        for s in stores:
+            s.close()
+
+
+@pytest.mark.parametrize("n", [9, 27, 99])
+async def test_postgres_async_fixed_statements(db: str, db_url: str, n: int) -> None:
+    """The async store (psycopg's AsyncConnection) runs the same program: a batch of new keys
+    and a mixed batch take as many statements as on the sync store, whatever their size."""
+    if db != "postgresql":
+        pytest.skip("PostgreSQL's async store")
+    from sqlalchemy import event
+
+    from idem_core.registry import open_async_store
+
+    sync = open_store(db_url)
+    store = open_async_store(db_url)
+    assert store.engine.dialect.driver == "psycopg"
+    statements: list[str] = []
+    event.listen(
+        store.engine.sync_engine,
+        "before_cursor_execute",
+        lambda _conn, _cur, sql, *_rest: statements.append(sql),
+    )
+    try:
+        batch = _prepare(sync, n)
+        await store.now()
+        statements.clear()
+        results = await store.claim_many([request for _, request in batch])
+        assert len(statements) == MIXED_STATEMENTS[db], len(statements)
+        _check(sync, batch, results)
+        statements.clear()
+        fresh = await store.claim_many([req(f"batch-{uuid.uuid4().hex}") for _ in range(n)])
+        assert [r.outcome for r in fresh] == [ClaimOutcome.CLAIMED] * n
+        assert len(statements) == NEW_STATEMENTS[db], len(statements)
+    finally:
+        await store.close()
+        sync.close()
 
 
 def _rows(db_url: str, key: str) -> int:
