@@ -7,7 +7,8 @@ Each run claims a batch of new keys, then the same keys again (all in progress: 
 kind), then a batch of half new, half stored keys; sync and async stores. Prints the median
 milliseconds per batch and the requests made. A fresh table is created and deleted: on moto,
 a transaction copies every table it touches, so its cost grows with the table (see
-``docs/backends/dynamodb.md``); ``--preload N`` puts N items in the table first to show it.
+``docs/backends/dynamodb.md``); ``--preload N`` puts N items in the table first to show it,
+``--clean`` deletes each sample's keys after it (untimed) to keep the table at its size.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="2,5,10,100")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--preload", type=int, default=0)
+    ap.add_argument("--clean", action="store_true", help="delete each sample's keys after it")
     args = ap.parse_args()
     table = f"idem_time_{uuid.uuid4().hex[:8]}"
     url = f"dynamodb://{table}?region=us-east-1&endpoint_url={args.endpoint}&read_timeout=60"
@@ -100,6 +102,8 @@ def main() -> None:
                             c.n = 0
                             samples[way].append(timed(lambda s=s, t=todo: run(loop, s, reqs(t))))
                             made[way] = c.n
+                            if args.clean:
+                                delete(store, stored + todo)
                     for way in WAYS:
                         row[way] = (statistics.median(samples[way]), made[way])
                     (pk, pkn), (bt, btn) = row["per-key"], row["batched"]
@@ -118,6 +122,16 @@ def main() -> None:
 def run(loop: asyncio.AbstractEventLoop, s: Any, requests: list[ClaimRequest]) -> Any:
     out = s.claim_many(requests)
     return loop.run_until_complete(out) if asyncio.iscoroutine(out) else out
+
+
+def delete(store: Any, keys: list[str]) -> None:
+    """Keep the table at its size (untimed): moto's transactions cost grows with it."""
+    table, codec = store.settings.table, store.plans.codec
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 25):
+        chunk = unique[start : start + 25]
+        deletes = [{"DeleteRequest": {"Key": codec.key(k)}} for k in chunk]
+        store.client.batch_write_item(RequestItems={table: deletes})
 
 
 def preload(store: Any, n: int) -> None:
