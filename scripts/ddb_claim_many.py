@@ -25,12 +25,11 @@ from typing import Any
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from idem_dynamodb import batch
 from idem_dynamodb.backend import BACKEND
 
 from idem_core.record import ClaimRequest, Record, Status
 
-WAYS = {"per-key": 10**9, "batched": batch.BATCH_FROM}
+WAYS = ("per-key", "batched")
 
 
 def reqs(keys: list[str]) -> list[ClaimRequest]:
@@ -66,32 +65,36 @@ def main() -> None:
     args = ap.parse_args()
     table = f"idem_time_{uuid.uuid4().hex[:8]}"
     url = f"dynamodb://{table}?region=us-east-1&endpoint_url={args.endpoint}&read_timeout=60"
-    store = BACKEND.open(url)
+    # Two pairs of stores on one table: batch_from=off claims key by key (as before issue 14).
+    stores = {w: BACKEND.open(url, batch_from=None if w == "per-key" else 2) for w in WAYS}
+    astores = {w: BACKEND.open_async(url, batch_from=None if w == "per-key" else 2) for w in WAYS}
+    store = stores["batched"]
     store.setup()
-    astore = BACKEND.open_async(url)
     loop = asyncio.new_event_loop()
     try:
-        calls, acalls = Calls(), Calls()
-        store.client.meta.events.register("before-call.dynamodb", calls)
-        aclient = loop.run_until_complete(astore._get_client())
-        aclient.meta.events.register("before-call.dynamodb", acalls)
+        counts = {(w, sync): Calls() for w in WAYS for sync in (True, False)}
+        for w in WAYS:
+            stores[w].client.meta.events.register("before-call.dynamodb", counts[w, True])
+            aclient = loop.run_until_complete(astores[w]._get_client())
+            aclient.meta.events.register("before-call.dynamodb", counts[w, False])
         if args.preload:
             preload(store, args.preload)
         # Learn the server's transaction limit and warm connections up.
-        store.claim_many(reqs(keys_(101)))
-        loop.run_until_complete(astore.claim_many(reqs(keys_(101))))
+        for w in WAYS:
+            stores[w].claim_many(reqs(keys_(101)))
+            loop.run_until_complete(astores[w].claim_many(reqs(keys_(101))))
         print(f"server {args.endpoint}: {store.plans.transaction_items} items per transaction")
         head = f"{'n':>4} {'kind':<6} {'store':<5} {'per-key ms':>11} {'req':>5}"
         print(head + f" {'batched ms':>11} {'req':>4}", flush=True)
         for n in [int(x) for x in args.sizes.split(",")]:
             for kind in ("new", "again", "mixed"):
-                for label, s, c in (("sync", store, calls), ("async", astore, acalls)):
-                    row: dict[str, tuple[float, int]] = {}
+                for label, sync in (("sync", True), ("async", False)):
                     samples: dict[str, list[float]] = {w: [] for w in WAYS}
                     made: dict[str, int] = dict.fromkeys(WAYS, 0)
                     for _ in range(args.runs):
-                        for way, threshold in WAYS.items():  # interleaved
-                            batch.BATCH_FROM = threshold
+                        for way in WAYS:  # interleaved
+                            s = stores[way] if sync else astores[way]
+                            c = counts[way, sync]
                             stored = keys_(n if kind == "again" else n // 2)
                             run(loop, s, reqs(stored))
                             todo = {
@@ -104,19 +107,19 @@ def main() -> None:
                             made[way] = c.n
                             if args.clean:
                                 delete(store, stored + todo)
-                    for way in WAYS:
-                        row[way] = (statistics.median(samples[way]), made[way])
-                    (pk, pkn), (bt, btn) = row["per-key"], row["batched"]
+                    pk, bt = (statistics.median(samples[w]) for w in WAYS)
+                    pkn, btn = (made[w] for w in WAYS)
                     print(
                         f"{n:>4} {kind:<6} {label:<5} {pk:>11.1f} {pkn:>5} {bt:>11.1f} {btn:>4}",
                         flush=True,
                     )
     finally:
-        batch.BATCH_FROM = WAYS["batched"]
-        loop.run_until_complete(astore.close())
+        for w in WAYS:
+            loop.run_until_complete(astores[w].close())
         loop.close()
         store.client.delete_table(TableName=table)
-        store.close()
+        for w in WAYS:
+            stores[w].close()
 
 
 def run(loop: asyncio.AbstractEventLoop, s: Any, requests: list[ClaimRequest]) -> Any:

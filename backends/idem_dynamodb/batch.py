@@ -35,12 +35,10 @@ from idem_core.errors import StoreUnavailable
 from idem_core.record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, Record, Status
 
 from .plans import TX_CANCELED, Call, Failed, Plan, Plans, Seen, new_version
+from .settings import Settings
 
 #: transaction rounds before the claims still open go one by one
 ROUNDS = 4
-#: fewer distinct keys than this are claimed side by side, one request each (see the docs:
-#: a transactional write costs twice the write units)
-BATCH_FROM = 2
 _INVALID = "ValidationException"
 _TRANSACTION = frozenset({TX_CANCELED, _INVALID})
 # How a server states its limit on the items of a transaction (DynamoDB's 100; DynamoDB
@@ -62,9 +60,11 @@ _AGAIN = frozenset(
 _LIVE_LEASE = "(#st = :ip AND #l <> :released AND #e > :now)"
 
 
-def batched(requests: Sequence[ClaimRequest]) -> bool:
-    """Whether ``claim_many`` sends ``requests`` as transactions."""
-    return len(requests) >= BATCH_FROM and len({r.key for r in requests}) >= BATCH_FROM
+def batched(settings: Settings, requests: Sequence[ClaimRequest]) -> bool:
+    """Whether ``claim_many`` sends ``requests`` as transactions (``batch_from`` distinct keys
+    or more; a transactional write costs twice the write units, see the docs)."""
+    least = settings.batch_from
+    return least is not None and len(requests) >= least and len({r.key for r in requests}) >= least
 
 
 @dataclasses.dataclass
