@@ -81,8 +81,11 @@ def main() -> None:
             preload(store, args.preload)
         # Learn the server's transaction limit and warm connections up.
         for w in WAYS:
-            stores[w].claim_many(reqs(keys_(101)))
-            loop.run_until_complete(astores[w].claim_many(reqs(keys_(101))))
+            warm, awarm = keys_(101), keys_(101)
+            stores[w].claim_many(reqs(warm))
+            loop.run_until_complete(astores[w].claim_many(reqs(awarm)))
+            if args.clean:
+                delete(store, warm + awarm)
         print(f"server {args.endpoint}: {store.plans.transaction_items} items per transaction")
         head = f"{'n':>4} {'kind':<6} {'store':<5} {'per-key ms':>11} {'req':>5}"
         print(head + f" {'batched ms':>11} {'req':>4}", flush=True)
