@@ -6,12 +6,13 @@ cancels it, and its ``CancellationReasons`` say, item by item, which conditions 
 (``ReturnValuesOnConditionCheckFailure``) what those items hold. Those claims are settled as
 :meth:`Plans.claim` settles a refused write (:meth:`Plans.refused`: replay, in progress,
 mismatch, or another try on what was found, including the takeover of a lease watched for its
-whole duration); the others go again in the next round. A round is one request per 100
-distinct keys; a batch without races settles in at most two rounds (three with an expired or
-released record). After :data:`ROUNDS` rounds the claims still open go one by one
-(:meth:`Plans.claim`): concurrent claimers can keep cancelling a transaction, never a single
-conditional write. A server whose reasons lack the old items costs one consistent
-``BatchGetItem`` for the refused keys of a round.
+whole duration); the others go again in the next round, with the claims the first one found
+takeable (expired, released, abandoned). A round is one request per 100 distinct keys (or the
+server's smaller limit, learnt from its refusal); a batch that meets no race settles in two
+rounds at most. Concurrent claimers can keep cancelling one another's transactions
+(``TransactionConflict``), so after :data:`ROUNDS` rounds the claims still open go one by one
+(:meth:`Plans.claim`). A server whose reasons lack the old items costs one consistent
+``BatchGetItem`` for the refused keys of a transaction.
 
 The first round writes only where no item exists, so its success means CLAIMED without the
 replaced item (a transaction returns none). A later write is conditioned on what the refused
