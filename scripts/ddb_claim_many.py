@@ -7,7 +7,8 @@ Each run claims a batch of new keys, then the same keys again (all in progress: 
 kind), then a batch of half new, half stored keys; sync and async stores. Prints the median
 milliseconds per batch and the requests made. A fresh table is created and deleted: on moto,
 a transaction copies every table it touches, so its cost grows with the table (see
-``docs/backends/dynamodb.md``); ``--preload N`` puts N items in the table first to show it.
+``docs/backends/dynamodb.md``); ``--preload N`` puts N items in the table first to show it,
+``--clean`` deletes each sample's keys after it (untimed) to keep the table at its size.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from typing import Any
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 
-from idem_dynamodb import batch
 from idem_dynamodb.backend import BACKEND
 
 from idem_core.record import ClaimRequest, Record, Status
 
-WAYS = {"per-key": 10**9, "batched": batch.BATCH_FROM}
+WAYS = ("per-key", "batched")
 
 
 def reqs(keys: list[str]) -> list[ClaimRequest]:
@@ -61,35 +61,43 @@ def main() -> None:
     ap.add_argument("--sizes", default="2,5,10,100")
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--preload", type=int, default=0)
+    ap.add_argument("--clean", action="store_true", help="delete each sample's keys after it")
     args = ap.parse_args()
     table = f"idem_time_{uuid.uuid4().hex[:8]}"
     url = f"dynamodb://{table}?region=us-east-1&endpoint_url={args.endpoint}&read_timeout=60"
-    store = BACKEND.open(url)
+    # Two pairs of stores on one table: batch_from=off claims key by key (as before issue 14).
+    stores = {w: BACKEND.open(url, batch_from=None if w == "per-key" else 2) for w in WAYS}
+    astores = {w: BACKEND.open_async(url, batch_from=None if w == "per-key" else 2) for w in WAYS}
+    store = stores["batched"]
     store.setup()
-    astore = BACKEND.open_async(url)
     loop = asyncio.new_event_loop()
     try:
-        calls, acalls = Calls(), Calls()
-        store.client.meta.events.register("before-call.dynamodb", calls)
-        aclient = loop.run_until_complete(astore._get_client())
-        aclient.meta.events.register("before-call.dynamodb", acalls)
+        counts = {(w, sync): Calls() for w in WAYS for sync in (True, False)}
+        for w in WAYS:
+            stores[w].client.meta.events.register("before-call.dynamodb", counts[w, True])
+            aclient = loop.run_until_complete(astores[w]._get_client())
+            aclient.meta.events.register("before-call.dynamodb", counts[w, False])
         if args.preload:
             preload(store, args.preload)
         # Learn the server's transaction limit and warm connections up.
-        store.claim_many(reqs(keys_(101)))
-        loop.run_until_complete(astore.claim_many(reqs(keys_(101))))
+        for w in WAYS:
+            warm, awarm = keys_(101), keys_(101)
+            stores[w].claim_many(reqs(warm))
+            loop.run_until_complete(astores[w].claim_many(reqs(awarm)))
+            if args.clean:
+                delete(store, warm + awarm)
         print(f"server {args.endpoint}: {store.plans.transaction_items} items per transaction")
         head = f"{'n':>4} {'kind':<6} {'store':<5} {'per-key ms':>11} {'req':>5}"
         print(head + f" {'batched ms':>11} {'req':>4}", flush=True)
         for n in [int(x) for x in args.sizes.split(",")]:
             for kind in ("new", "again", "mixed"):
-                for label, s, c in (("sync", store, calls), ("async", astore, acalls)):
-                    row: dict[str, tuple[float, int]] = {}
+                for label, sync in (("sync", True), ("async", False)):
                     samples: dict[str, list[float]] = {w: [] for w in WAYS}
                     made: dict[str, int] = dict.fromkeys(WAYS, 0)
                     for _ in range(args.runs):
-                        for way, threshold in WAYS.items():  # interleaved
-                            batch.BATCH_FROM = threshold
+                        for way in WAYS:  # interleaved
+                            s = stores[way] if sync else astores[way]
+                            c = counts[way, sync]
                             stored = keys_(n if kind == "again" else n // 2)
                             run(loop, s, reqs(stored))
                             todo = {
@@ -100,24 +108,36 @@ def main() -> None:
                             c.n = 0
                             samples[way].append(timed(lambda s=s, t=todo: run(loop, s, reqs(t))))
                             made[way] = c.n
-                    for way in WAYS:
-                        row[way] = (statistics.median(samples[way]), made[way])
-                    (pk, pkn), (bt, btn) = row["per-key"], row["batched"]
+                            if args.clean:
+                                delete(store, stored + todo)
+                    pk, bt = (statistics.median(samples[w]) for w in WAYS)
+                    pkn, btn = (made[w] for w in WAYS)
                     print(
                         f"{n:>4} {kind:<6} {label:<5} {pk:>11.1f} {pkn:>5} {bt:>11.1f} {btn:>4}",
                         flush=True,
                     )
     finally:
-        batch.BATCH_FROM = WAYS["batched"]
-        loop.run_until_complete(astore.close())
+        for w in WAYS:
+            loop.run_until_complete(astores[w].close())
         loop.close()
         store.client.delete_table(TableName=table)
-        store.close()
+        for w in WAYS:
+            stores[w].close()
 
 
 def run(loop: asyncio.AbstractEventLoop, s: Any, requests: list[ClaimRequest]) -> Any:
     out = s.claim_many(requests)
     return loop.run_until_complete(out) if asyncio.iscoroutine(out) else out
+
+
+def delete(store: Any, keys: list[str]) -> None:
+    """Keep the table at its size (untimed): moto's transactions cost grows with it."""
+    table, codec = store.settings.table, store.plans.codec
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), 25):
+        chunk = unique[start : start + 25]
+        deletes = [{"DeleteRequest": {"Key": codec.key(k)}} for k in chunk]
+        store.client.batch_write_item(RequestItems={table: deletes})
 
 
 def preload(store: Any, n: int) -> None:

@@ -204,7 +204,7 @@ class AsyncDynamoDBStore(Shared):
         return await self._run(self.plans.claim(request))
 
     async def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
-        if batch.batched(requests):
+        if batch.batched(self.settings, requests):
             return await self._run(batch.claim_many(self.plans, requests))
         # A key or two: the claims go out side by side, one request each.
         await self._get_client()

@@ -6,12 +6,13 @@ cancels it, and its ``CancellationReasons`` say, item by item, which conditions 
 (``ReturnValuesOnConditionCheckFailure``) what those items hold. Those claims are settled as
 :meth:`Plans.claim` settles a refused write (:meth:`Plans.refused`: replay, in progress,
 mismatch, or another try on what was found, including the takeover of a lease watched for its
-whole duration); the others go again in the next round. A round is one request per 100
-distinct keys; a batch without races settles in at most two rounds (three with an expired or
-released record). After :data:`ROUNDS` rounds the claims still open go one by one
-(:meth:`Plans.claim`): concurrent claimers can keep cancelling a transaction, never a single
-conditional write. A server whose reasons lack the old items costs one consistent
-``BatchGetItem`` for the refused keys of a round.
+whole duration); the others go again in the next round, with the claims the first one found
+takeable (expired, released, abandoned). A round is one request per 100 distinct keys (or the
+server's smaller limit, learnt from its refusal); a batch that meets no race settles in two
+rounds at most. Concurrent claimers can keep cancelling one another's transactions
+(``TransactionConflict``), so after :data:`ROUNDS` rounds the claims still open go one by one
+(:meth:`Plans.claim`). A server whose reasons lack the old items costs one consistent
+``BatchGetItem`` for the refused keys of a transaction.
 
 The first round writes only where no item exists, so its success means CLAIMED without the
 replaced item (a transaction returns none). A later write is conditioned on what the refused
@@ -35,12 +36,10 @@ from idem_core.errors import StoreUnavailable
 from idem_core.record import RELEASED, ClaimOutcome, ClaimRequest, ClaimResult, Record, Status
 
 from .plans import TX_CANCELED, Call, Failed, Plan, Plans, Seen, new_version
+from .settings import Settings
 
 #: transaction rounds before the claims still open go one by one
 ROUNDS = 4
-#: fewer distinct keys than this are claimed side by side, one request each (see the docs:
-#: a transactional write costs twice the write units)
-BATCH_FROM = 2
 _INVALID = "ValidationException"
 _TRANSACTION = frozenset({TX_CANCELED, _INVALID})
 # How a server states its limit on the items of a transaction (DynamoDB's 100; DynamoDB
@@ -62,9 +61,11 @@ _AGAIN = frozenset(
 _LIVE_LEASE = "(#st = :ip AND #l <> :released AND #e > :now)"
 
 
-def batched(requests: Sequence[ClaimRequest]) -> bool:
-    """Whether ``claim_many`` sends ``requests`` as transactions."""
-    return len(requests) >= BATCH_FROM and len({r.key for r in requests}) >= BATCH_FROM
+def batched(settings: Settings, requests: Sequence[ClaimRequest]) -> bool:
+    """Whether ``claim_many`` sends ``requests`` as transactions (``batch_from`` distinct keys
+    or more; a transactional write costs twice the write units, see the docs)."""
+    least = settings.batch_from
+    return least is not None and len(requests) >= least and len({r.key for r in requests}) >= least
 
 
 @dataclasses.dataclass

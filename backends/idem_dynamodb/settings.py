@@ -51,10 +51,13 @@ class Settings:
     skew_allowance: float = 300.0
     #: results longer than this many bytes are stored zstd-compressed; None disables
     compress_above: int | None = 64 * 1024
-    #: worker threads of ``claim_many`` in the synchronous store
+    #: worker threads of ``claim_many`` in the synchronous store, when it claims key by key
     pool_size: int = 8
     #: the hot operations skip botocore (see :mod:`idem_dynamodb.wire`); False: boto3 only
     lean: bool = True
+    #: ``claim_many`` of at least this many distinct keys goes in transactions (``batch.py``);
+    #: None (``off``): one claim per key, side by side
+    batch_from: int | None = 2
     clock: Clock = system_clock
     #: microseconds of a monotonic clock (keyword only; tests share a ManualClock)
     monotonic: Callable[[], int] = monotonic_clock
@@ -130,6 +133,8 @@ def _check(s: Settings) -> None:
         raise ConfigurationError(f"skew_allowance must be >= 0 seconds, got {s.skew_allowance}")
     if s.compress_above is not None and s.compress_above < 0:
         raise ConfigurationError(f"compress_above must be >= 0 or off, got {s.compress_above}")
+    if s.batch_from is not None and s.batch_from < 2:
+        raise ConfigurationError(f"batch_from must be at least 2 or off, got {s.batch_from}")
     if s.endpoint_url is not None:
         _check_endpoint(s.endpoint_url)
     for name in ("key_attr", "ttl_attr", "sort_key", "namespace"):
@@ -162,7 +167,7 @@ def _convert(name: str, value: Any) -> Any:
         if not callable(value):
             raise ConfigurationError(f"{name} must be a callable returning microseconds")
         return value
-    if name == "compress_above":
+    if name in ("compress_above", "batch_from"):
         if value is None or (isinstance(value, str) and value.lower() in {"", "none", "off"}):
             return None
         return _number(name, value, int)

@@ -137,7 +137,7 @@ class DynamoDBStore(Shared):
         return self._run(self.plans.claim(request))
 
     def claim_many(self, requests: Sequence[ClaimRequest]) -> list[ClaimResult]:
-        if batch.batched(requests):
+        if batch.batched(self.settings, requests):
             return self._run(batch.claim_many(self.plans, requests))
         # A key or two: the claims go out side by side, one request each.
         if len(requests) <= 1:

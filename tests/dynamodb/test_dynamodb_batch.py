@@ -21,6 +21,7 @@ from ddb_servers import Counter, Server
 from idem_dynamodb.backend import BACKEND
 
 from idem_core.clock import ManualClock
+from idem_core.errors import ConfigurationError
 from idem_core.record import ClaimOutcome, ClaimRequest, ClaimResult, Record
 from idem_core.testing.scenarios import AsyncView
 
@@ -328,3 +329,27 @@ def test_processes_batch_claiming_overlapping_keys_claim_each_once(
         for key in random.Random(1).sample(keys, 12):
             rec = store.get(key)
             assert rec is not None and rec.result is not None
+
+
+# -- the threshold -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("1", "batch_from must be at least 2 or off"), ("many", "batch_from must be an integer")],
+)
+def test_batch_from_refused(value: str, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        BACKEND.open(f"dynamodb://t_1?region=us-east-1&batch_from={value}")
+
+
+async def test_batch_from_sets_where_transactions_start(open_twin: Open) -> None:
+    off = await open_twin(batch_from="off")
+    assert off.store.settings.batch_from is None
+    await off.s.claim_many([req(k) for k in keys_(3)])
+    assert off.counter.take() == ["PutItem"] * 3  # key by key, side by side
+    five = await open_twin(batch_from=5)
+    await five.s.claim_many([req(k) for k in keys_(4)])
+    assert five.counter.take() == ["PutItem"] * 4
+    await five.s.claim_many([req(k) for k in keys_(5)])
+    assert five.counter.take() == ["TransactWriteItems"]
