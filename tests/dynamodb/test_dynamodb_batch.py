@@ -17,7 +17,7 @@ from typing import Any
 
 import ddb_race
 import pytest
-from ddb_servers import Counter, Server
+from ddb_servers import Counter, Server, counting, store_calls
 from idem_dynamodb.backend import BACKEND
 
 from idem_core.clock import ManualClock
@@ -34,13 +34,13 @@ def req(key: str, lease: float = 600.0, fingerprint: str = FP, attempt: str = ""
 
 
 class Twin:
-    """One store (sync through AsyncView, or async) and a counter of its client's calls."""
+    """One store (sync through AsyncView, or async) and a counter of its calls, on the lean
+    path and through boto3 alike."""
 
-    def __init__(self, store: Any, client: Any, sync: bool) -> None:
+    def __init__(self, store: Any, counter: Counter, sync: bool) -> None:
         self.store = store
         self.s = AsyncView(store) if sync else store
-        self.counter = Counter()
-        client.meta.events.register("before-call.dynamodb", self.counter)
+        self.counter = counter
 
     @property
     def limit(self) -> int:
@@ -72,10 +72,13 @@ async def open_twin(
         if request.param == "sync":
             store = server.open(table, **options)
             opened.append(store)
-            return Twin(store, store.client, True)
+            return Twin(store, store_calls(store), True)
         astore = BACKEND.open_async(server.url(table), **options)
         opened.append(astore)
-        return Twin(astore, await astore._get_client(), False)
+        clients = [await astore._get_client()]
+        if astore._lean:
+            clients.append(await astore._get_wire())
+        return Twin(astore, counting(*clients), False)
 
     yield open_
     for store in opened:
