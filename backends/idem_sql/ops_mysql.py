@@ -230,9 +230,14 @@ class MySQL(SQL):
         # Every row's variables must exist before the upsert is prepared (see _settle), and
         # a batch cannot ask for each row's afterwards: define them first.
         yield self.stmt_define, {}
+        # Rows are locked in the order of VALUES: in key order (the column's byte order), two
+        # batches over the same keys wait for each other instead of deadlocking. The sort is
+        # stable, so a key's requests keep their order.
+        order = sorted(range(len(requests)), key=lambda i: requests[i].key.encode())
+        ordered = [requests[i] for i in order]
         results: list[ClaimResult] = []
-        for start in range(0, len(requests), _BATCH):
-            chunk = requests[start : start + _BATCH]
+        for start in range(0, len(ordered), _BATCH):
+            chunk = ordered[start : start + _BATCH]
             params = {
                 f"{name}_{i}": value
                 for i, request in enumerate(chunk)
@@ -249,7 +254,10 @@ class MySQL(SQL):
                 if result is None:
                     result = yield from self.claim(request)
                 results.append(result)
-        return results
+        answers: list[ClaimResult] = [results[0]] * len(requests)
+        for position, index in enumerate(order):
+            answers[index] = results[position]
+        return answers
 
     def complete(self, key: str, fence: int, result: bytes, ttl: float) -> Program[Record]:
         if not self.insert_returning():

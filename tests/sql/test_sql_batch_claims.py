@@ -17,7 +17,7 @@ from pool_watch import PoolWatch, assert_no_leak
 from sqlalchemy import create_engine, text
 from test_sql_round_trips import Counter, counting_store
 
-from idem_core.errors import LeaseLost, StoreUnavailable
+from idem_core.errors import LeaseLost
 from idem_core.record import ClaimOutcome, ClaimRequest
 from idem_core.registry import open_store
 
@@ -205,17 +205,11 @@ def _race(stores: list[Any], keys: list[str], lease: float) -> list[Any]:
         return [r for rs in pool.map(run, stores) for r in rs]
 
 
-def test_concurrent_batches_one_owner_per_key(
-    db: str, db_url: str, request: pytest.FixtureRequest
-) -> None:
+def test_concurrent_batches_one_owner_per_key(db: str, db_url: str) -> None:
     """Batches racing on the same keys (in their own orders, some twice): every key is
-    claimed by exactly one request; then, its lease lapsed, taken over by exactly one."""
-    if db == "mysql":
-        # Found while extending these tests to PostgreSQL: MariaDB's multi-row upsert locks
-        # rows in the batch's order, so two batches crossing keys deadlock (error 1213).
-        request.applymarker(
-            pytest.mark.xfail(reason="MariaDB batches deadlock", raises=StoreUnavailable)
-        )
+    claimed by exactly one request; then, its lease lapsed, taken over by exactly one.
+    (MariaDB's multi-row upsert locks rows in the order of its VALUES: unsorted, two
+    batches crossing keys deadlocked, error 1213.)"""
     stores = [open_store(db_url) for _ in range(4)]
     keys = [f"batch-race-{uuid.uuid4().hex}" for _ in range(40)]
     try:
