@@ -473,7 +473,9 @@ def proxy(dynamodb_local: Server) -> Iterator[FaultProxy]:
 
 
 def _proxied(dynamodb_local: Server, proxy: FaultProxy, **options: Any) -> str:
-    url = dynamodb_local.url(connect_timeout=0.5, read_timeout=2, **options)
+    # A dropped path fails at once (the proxy closes what it accepts): the read timeout only
+    # bounds a healthy DynamoDB Local, which on a loaded machine can take seconds to answer.
+    url = dynamodb_local.url(connect_timeout=0.5, read_timeout=10, **options)
     return url.replace(dynamodb_local.endpoint, f"http://127.0.0.1:{proxy.port}")
 
 
