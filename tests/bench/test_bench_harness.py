@@ -31,6 +31,7 @@ def _check_cells(scenarios: dict[str, Any]) -> None:
             assert "error" not in cell, cell
             assert cell["ops"] > 0
             assert cell["throughput"] > 0
+            assert cell["cpu_us"] > 0  # the client's CPU per call
             ps = [cell[f"p{p:g}_us"] for p in latency.PERCENTILES] + [cell["max_us"]]
             assert all(p > 0 for p in ps)
             assert ps == sorted(ps)
