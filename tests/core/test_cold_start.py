@@ -26,3 +26,14 @@ def test_a_sync_first_call_imports_no_asyncio_and_scans_no_distributions() -> No
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_an_installed_idem_core_finds_its_stores_without_importlib_metadata() -> None:
+    program = (
+        "import sys\nfrom idem_core import Idempotency\n"
+        "Idempotency.from_url('memory://').store\n"
+        "print('importlib.metadata' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -55,7 +55,16 @@ def test_own_schemes_read_only_our_entry_points(
     monkeypatch.setattr(importlib.metadata.PathDistribution, "read_text", spy)
     assert isinstance(Idempotency.from_url("memory://").store, MemoryStore)
     assert type(registry.backend_for("redis+cluster://h:1")).__module__ == "idem_redis.backend"
-    assert read and all(name.startswith("idem_core-") for name in read), read
+    assert all(name.startswith("idem_core-") for name in read), read
+
+
+def test_own_schemes_resolve_through_importlib_metadata_too(
+    fresh: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where our ``.dist-info`` is not a folder on sys.path (a zip, an egg)."""
+    monkeypatch.setattr(registry, "_own_entry_points_text", lambda: None)
+    assert isinstance(Idempotency.from_url("memory://").store, MemoryStore)
+    assert type(registry.backend_for("redis+cluster://h:1")).__module__ == "idem_redis.backend"
 
 
 @pytest.mark.usefixtures("third_party")
