@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import itertools
@@ -255,6 +254,8 @@ class Idempotency:
             except StoreUnavailable:
                 if attempt >= self.retries:
                     raise
+                import asyncio  # not at the top: a sync cold start need not import it
+
                 await asyncio.sleep(_RETRY_PAUSE * (attempt + 1))
         raise AssertionError("unreachable")
 

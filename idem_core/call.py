@@ -6,12 +6,12 @@ they differ only in how they wait for the store.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .codec import ResultCodec, encode_error, not_stored
@@ -50,7 +50,18 @@ _MISMATCH = ClaimOutcome.MISMATCH
 
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .api import Idempotency
+
+
+def _asyncio() -> ModuleType:
+    """asyncio, for the async twin: imported there (a running loop has done it), not here,
+    so that a sync process's cold start does not pay for it."""
+    import asyncio
+
+    return asyncio
+
 
 _POLL_FIRST = 0.01
 _POLL_MAX = 0.5
@@ -503,7 +514,7 @@ class AsyncCall(_Steps):
         if self._settle(res):
             await self._wait()
         if self.fence is not None and self.opts.renew_every:
-            self._renewer = asyncio.ensure_future(self._renew())
+            self._renewer = _asyncio().ensure_future(self._renew())
         return self
 
     async def _wait(self) -> None:
@@ -519,14 +530,14 @@ class AsyncCall(_Steps):
                 await waiter(self.key, self._record.fence, min(remaining, _WAIT_SLICE))
             else:
                 pause, delay = _backoff(delay)
-                await asyncio.sleep(min(pause, remaining))
+                await _asyncio().sleep(min(pause, remaining))
             if not self._settle(await self.idem._aretry(self._store.claim, self.request)):
                 return
 
     async def _renew(self) -> None:
         every = self.opts.renew_every or 1.0
         while True:
-            await asyncio.sleep(every)
+            await _asyncio().sleep(every)
             try:
                 await self._store.renew(self.key, self.fence or 0, self.opts.lease)
             except LeaseLost as exc:
@@ -539,7 +550,7 @@ class AsyncCall(_Steps):
         task, self._renewer = self._renewer, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(_asyncio().CancelledError):
                 await task
 
     async def complete(self, value: Any, *, with_items: Sequence[Any] | None = None) -> None:

@@ -23,20 +23,30 @@ through lifespans, test cases and Lambda invocations. Records are never lost by 
 
 from __future__ import annotations
 
-import asyncio
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _process
 from .errors import ConfigurationError
 from .registry import backend_for, open_async_store, open_store
 from .store import AsyncStore, Store
 
-#: the running event loop, or None. Never raises; but on Python 3.11 each call makes a
-#: getpid() system call (its fork check), so the hot path avoids it: see ``Stores.hot``.
-running_loop = asyncio._get_running_loop
+if TYPE_CHECKING:
+    import asyncio
+
 this_thread = threading.get_ident
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running event loop, or None. Never raises; but on Python 3.11 each call makes a
+    getpid() system call (its fork check), so the hot path avoids it: see ``Stores.hot``.
+    asyncio is not imported for it (a cold start's cost): no loop runs where it never was."""
+    aio = sys.modules.get("asyncio")
+    if aio is None:
+        return None
+    return cast("asyncio.AbstractEventLoop | None", aio._get_running_loop())
 
 
 class _Entry:
@@ -157,6 +167,8 @@ class Stores:
                     self._abandon_closed_loops()
                     entry = self._open_async(loop)
                     self._loops[loop] = entry
+        import asyncio  # no cost: a loop runs, so asyncio is imported
+
         if isinstance(loop, asyncio.BaseEventLoop):  # whose _thread_id we know the meaning of
             self.hot = entry  # one reference: other threads see the old entry or this one
         return entry.store

@@ -19,7 +19,6 @@ holds more than ``max_size`` (at most the number of calls running at once) until
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import threading
@@ -399,6 +398,8 @@ class AsyncMemoryStore:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            import asyncio  # here, not at the top: a sync cold start need not import it
+
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.02)
 

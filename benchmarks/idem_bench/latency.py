@@ -48,12 +48,17 @@ def new_hist() -> HdrHistogram:
     return HdrHistogram(1, 100_000_000_000, 3)
 
 
-def summarize(hist: HdrHistogram, ops: int, seconds: float, keep_cdf: bool) -> dict[str, Any]:
+def summarize(
+    hist: HdrHistogram, ops: int, seconds: float, keep_cdf: bool, cpu_ns: int | None = None
+) -> dict[str, Any]:
     us = 1000.0
     out: dict[str, Any] = {
         "ops": ops,
         "seconds": round(seconds, 4),
         "throughput": round(ops / seconds, 1) if seconds > 0 else 0.0,
+        # the bench process's CPU per call: the client's cost (servers run in processes of
+        # their own), which a Lambda is billed for
+        "cpu_us": round(cpu_ns / ops / us, 1) if cpu_ns is not None and ops else None,
         "mean_us": round(hist.get_mean_value() / us, 2) if ops else None,
         "max_us": round(hist.get_max_value() / us, 2) if ops else None,
     }
@@ -96,18 +101,20 @@ def sync_cell(
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    cpu0 = time.process_time_ns()
     t0 = clock()
     deadline_box[0] = t0 + int(seconds * 1e9)
     start.set()
     for t in threads:
         t.join()
     elapsed = (clock() - t0) / 1e9
+    cpu = time.process_time_ns() - cpu0
     if errors:
         raise errors[0]
     total = new_hist()
     for h in hists:
         total.add(h)
-    return summarize(total, total.get_total_count(), elapsed, keep_cdf)
+    return summarize(total, total.get_total_count(), elapsed, keep_cdf, cpu)
 
 
 async def async_cell(
@@ -121,6 +128,7 @@ async def async_cell(
     hist = new_hist()
     record = hist.record_value
     clock = time.perf_counter_ns
+    cpu0 = time.process_time_ns()
     t0 = clock()
     deadline = t0 + int(seconds * 1e9)
 
@@ -137,7 +145,8 @@ async def async_cell(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = (clock() - t0) / 1e9
-    return summarize(hist, hist.get_total_count(), elapsed, keep_cdf)
+    cpu = time.process_time_ns() - cpu0
+    return summarize(hist, hist.get_total_count(), elapsed, keep_cdf, cpu)
 
 
 class Progress:

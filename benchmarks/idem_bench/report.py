@@ -21,6 +21,16 @@ def _p50(section: dict[str, Any], scenario: str, c: str = "1") -> float | None:
     return float(value) if value is not None else None
 
 
+def _cpu(section: dict[str, Any], scenario: str) -> float | None:
+    value = section["scenarios"].get(scenario, {}).get("1", {}).get("cpu_us")
+    return float(value) if value is not None else None
+
+
+def _cpu_ratios(peer: dict[str, Any]) -> str:
+    r = peer.get("cpu_idem_core_to_peer") or {}
+    return "/".join(f"{r[sc]:.2f}x" if sc in r else "-" for sc in ("first", "replay"))
+
+
 def _fmt(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -62,6 +72,15 @@ def ratios(results: dict[str, Any]) -> None:
                 and m > 0
             }
             s["compared_with"] = f"idem-core {mine['mode']}" if mine else None
+            # the other way round: idem-core's client CPU per call as a multiple of the peer's
+            s["cpu_idem_core_to_peer"] = {
+                sc: round(m / v, 2)
+                for sc in ("first", "replay")
+                if mine is not None
+                and (v := _cpu(s, sc)) is not None
+                and (m := _cpu(mine, sc)) is not None
+                and v > 0
+            }
         cost = step_cost(s)
         if cost is not None:
             s["step_cost"] = cost
@@ -148,6 +167,7 @@ def summary(results: dict[str, Any], console: Console) -> None:
             "replay",
             "conflict",
             "RT first/replay",
+            "client CPU: ours/peer first/replay",
         ):
             pt.add_column(col)
         for s in peers:
@@ -166,6 +186,7 @@ def summary(results: dict[str, Any], console: Console) -> None:
                 s.get("compared_with") or "-",
                 *(f"{t[sc]:.2f}x" if sc in t else "-" for sc in ("first", "replay", "conflict")),
                 rts,
+                _cpu_ratios(s),
             )
         console.print(pt)
     if results.get("overhead"):
@@ -301,13 +322,17 @@ def markdown(results: dict[str, Any], plots: list[str], images: str = "", level:
     peers = [s for s in results["latency"] if s["system"] != "idem-core" and "to_idem_core" in s]
     if peers:
         lines += ["", f"{h2} Peers: p50 as a multiple of idem-core's (same run, same server)", ""]
-        lines.append("| target | peer | mode | compared with | first | replay | conflict |")
-        lines.append("|---|---|---|---|---|---|---|")
+        lines.append(
+            "| target | peer | mode | compared with | first | replay | conflict "
+            "| peer's client CPU µs first/replay | idem-core's CPU / peer's first/replay |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         for s in peers:
             t = s["to_idem_core"]
             lines.append(
                 f"| {s['target']} | {s['system']} | {s['mode']} | {s.get('compared_with')} "
-                f"| {t.get('first', '-')} | {t.get('replay', '-')} | {t.get('conflict', '-')} |"
+                f"| {t.get('first', '-')} | {t.get('replay', '-')} | {t.get('conflict', '-')} "
+                f"| {_fmt(_cpu(s, 'first'))}/{_fmt(_cpu(s, 'replay'))} | {_cpu_ratios(s)} |"
             )
     costs = [s for s in results["latency"] if s.get("step_cost")]
     if costs:

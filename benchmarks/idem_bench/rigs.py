@@ -215,22 +215,32 @@ def _boto_client(endpoint: str | None) -> Any:
     )
 
 
-async def _aio_boto_client(endpoint: str | None) -> tuple[Any, Any]:
-    from aiobotocore.config import AioConfig
-    from aiobotocore.session import get_session
-
-    context = get_session().create_client(
-        "dynamodb",
-        region_name=REGION,
-        endpoint_url=endpoint,
-        config=AioConfig(max_pool_connections=128, retries={"mode": "standard"}),
-    )
-    client = await context.__aenter__()
-    return client, context
-
-
 def _table_of(url: str) -> str:
     return url.split("://", 1)[1].split("?", 1)[0].strip("/")
+
+
+def _floor_key() -> dict[str, Any]:
+    return {"pk": {"S": "idem-bench-floor"}}
+
+
+def _ddb_setup(target: Target) -> None:
+    """Creates the table on a store of its own: setup goes through boto3, and the timed
+    store must not hold a boto3 client it never needs on the lean path."""
+    with Idempotency.from_url(target.url) as idem:
+        getattr(idem.store, "setup", lambda: None)()
+
+
+def _count_wire(wire: Any, counter: Counter) -> None:
+    """Counts the requests of a lean DynamoDB client (:mod:`idem_dynamodb.wire`): each
+    ``call`` is one API call (its retries, if any, are not counted, as botocore's
+    ``before-call`` would not)."""
+    call = wire.call
+
+    def counted(op: str, kwargs: dict[str, Any]) -> Any:
+        counter()
+        return call(op, kwargs)
+
+    wire.call = counted
 
 
 # -- idem-core -------------------------------------------------------------------------
@@ -261,16 +271,7 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         else:
             floor, floor_name = client.ping, "PING"
     elif target.kind == "dynamodb":
-        client = _boto_client(target.server)
-        closers.append(client.close)
-        if rts is not None:
-            client.meta.events.register("before-send.dynamodb", rts)
-        table = _table_of(target.url)
-
-        def ddb_floor() -> Any:
-            return client.get_item(TableName=table, Key={"pk": {"S": "idem-bench-floor"}})
-
-        floor, floor_name = ddb_floor, "GetItem"
+        _ddb_setup(target)
     idem = Idempotency.from_url(
         _ours_url(target, tag),
         client=client,
@@ -283,7 +284,16 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
     closers.append(idem.close)
     store = idem.store
     if target.kind == "dynamodb":
-        getattr(store, "setup", lambda: None)()
+        # the store opened from its URL takes the lean path (a given client turns it off)
+        wire = cast(Any, store)._lean_client()
+        if rts is not None:
+            _count_wire(wire, rts)
+        table, key = _table_of(target.url), _floor_key()
+
+        def ddb_floor() -> Any:
+            return wire.call("get_item", {"TableName": table, "Key": key})
+
+        floor, floor_name = ddb_floor, "GetItem (lean)"
     if target.kind == "sql":
         engine = getattr(store, "engine", None)
         if engine is None:
@@ -390,16 +400,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         else:
             floor, floor_name = client.ping, "PING"
     elif target.kind == "dynamodb":
-        client, context = await _aio_boto_client(target.server)
-        closers.append(lambda: context.__aexit__(None, None, None))
-        if rts is not None:
-            client.meta.events.register("before-send.dynamodb", rts)
-        table = _table_of(target.url)
-
-        async def ddb_floor() -> Any:
-            return await client.get_item(TableName=table, Key={"pk": {"S": "idem-bench-floor"}})
-
-        floor, floor_name = ddb_floor, "GetItem"
+        await asyncio.to_thread(_ddb_setup, target)
     idem = Idempotency.from_url(
         _ours_url(target, tag),
         client=client,
@@ -412,9 +413,16 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
     closers.append(idem.aclose)
     astore = idem.astore
     if target.kind == "dynamodb":
-        setup = getattr(astore, "setup", None)
-        if setup is not None:
-            await setup()
+        # this loop's lean client, the one the store's calls use
+        awire = await cast(Any, astore)._get_wire()
+        if rts is not None:
+            _count_wire(awire, rts)
+        table, key = _table_of(target.url), _floor_key()
+
+        async def ddb_floor() -> Any:
+            return await awire.call("get_item", {"TableName": table, "Key": key})
+
+        floor, floor_name = ddb_floor, "GetItem (lean)"
     if target.kind == "sql":
         engine = getattr(astore, "engine", None)
         if engine is None:

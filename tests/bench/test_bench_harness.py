@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from idem_bench import cli, latency, races, rigs
+from idem_bench import cli, latency, races, report, rigs
 from idem_bench.targets import Target
 
 from idem_core import machine
@@ -31,6 +31,7 @@ def _check_cells(scenarios: dict[str, Any]) -> None:
             assert "error" not in cell, cell
             assert cell["ops"] > 0
             assert cell["throughput"] > 0
+            assert cell["cpu_us"] > 0  # the client's CPU per call
             ps = [cell[f"p{p:g}_us"] for p in latency.PERCENTILES] + [cell["max_us"]]
             assert all(p > 0 for p in ps)
             assert ps == sorted(ps)
@@ -160,3 +161,23 @@ def test_other_races_run_on_memory(scenario: str) -> None:
         spec = races.Spec("idem-core", MEMORY, rigs.run_tag(), lease=2.0, store=MemoryStore())
     result = races.run_races(spec, (scenario,))[scenario]
     assert result["ok"] is True, result
+
+
+def test_peers_report_idem_cores_client_cpu_as_a_multiple_of_theirs() -> None:
+    def section(system: str, first: tuple[float, float], replay: tuple[float, float]) -> Any:
+        cells = {
+            sc: {"1": {"p50_us": p50, "cpu_us": cpu}}
+            for sc, (p50, cpu) in (("first", first), ("replay", replay))
+        }
+        return {"target": "dynamodb", "system": system, "mode": "sync", "scenarios": cells}
+
+    results: dict[str, Any] = {
+        "latency": [
+            section("idem-core", (900.0, 300.0), (500.0, 120.0)),
+            section("powertools", (1000.0, 1200.0), (600.0, 600.0)),
+        ]
+    }
+    report.ratios(results)
+    peer = results["latency"][1]
+    assert peer["cpu_idem_core_to_peer"] == {"first": 0.25, "replay": 0.2}
+    assert peer["to_idem_core"]["first"] == round(1000 / 900, 2)

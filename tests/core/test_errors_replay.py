@@ -107,6 +107,7 @@ def test_replaying_a_stored_error_looks_nothing_up_in_modules(
 def test_replaying_a_stored_error_imports_nothing() -> None:
     code = textwrap.dedent(
         """
+        import concurrent.futures  # loaded, as in most processes (asyncio imports it)
         import sys
         import msgspec
         from idem_core import Idempotency
