@@ -52,7 +52,13 @@ class _Link:
         self.client = client
         self.server = server
         self.closed = False
-        for src, dst, from_server in ((client, server, False), (server, client, True)):
+
+    def start(self) -> None:
+        """Pump both ways. Only once the proxy lists the link: a fault injected after the
+        client's first byte went through must find the link to cut (on a loaded machine the
+        accept thread could otherwise list it only after a whole request and reply)."""
+        pairs = ((self.client, self.server, False), (self.server, self.client, True))
+        for src, dst, from_server in pairs:
             threading.Thread(target=self._pump, args=(src, dst, from_server), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
@@ -125,9 +131,16 @@ class FaultProxy:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = _Link(self, client, server)
             with self._cond:
-                if link.closed:
-                    continue
-                self._links.add(link)
+                # A drop or reset injected while this connection was being set up killed
+                # the links listed then, not this one: it goes the same way.
+                cut = self._mode in ("drop", "reset")
+                if not cut:
+                    self._links.add(link)
+            if cut:
+                _abort(client, rst=self._mode == "reset")
+                _abort(server, rst=False)
+                continue
+            link.start()
 
     def _kill_all(self, rst: bool) -> None:
         with self._cond:

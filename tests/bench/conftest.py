@@ -46,6 +46,13 @@ def keyspace_target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
     return server_target(str(request.param))
 
 
+@pytest.fixture
+def redis_target() -> Target:
+    """The machine's Redis as --local finds it (shared). A fixture, not an import: in a whole
+    run, ``conftest`` names whichever folder's conftest was imported first."""
+    return server_target("redis")
+
+
 @pytest.fixture(scope="session")
 def ddb_servers() -> Iterator[dict[str, Target | str]]:
     servers = targets.Servers()

@@ -106,10 +106,10 @@ def test_footprint_of_sql_and_redis(keyspace_target: Target) -> None:
     assert rec["disk_bytes_per_row"] > 200 and rec["index_bytes_per_row"] > 0
 
 
-def test_redis_server_time_on_a_given_server_never_resets_its_counters() -> None:
-    from conftest import server_target
-
-    target = server_target("redis")
+def test_redis_server_time_on_a_given_server_never_resets_its_counters(
+    redis_target: Target,
+) -> None:
+    target = redis_target
     target.shared = False  # as if given with --url: the bench must only read the counters
     client = footprint._redis_client(target)
     try:
@@ -197,20 +197,19 @@ def test_cli_reports_the_new_sections(tmp_path: Path, monkeypatch: pytest.Monkey
         assert f"]({png})" in report
 
 
-def test_keyspace_never_fills_the_shared_redis(monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import server_target
-
-    target = server_target("redis")  # shared, as --local finds it
+def test_keyspace_never_fills_the_shared_redis(
+    monkeypatch: pytest.MonkeyPatch, redis_target: Target
+) -> None:
+    target = redis_target  # shared, as --local finds it
     monkeypatch.setattr(targets.shutil, "which", lambda name: None)  # no private server
     result = keyspace.run(target, SMALL, seconds=0.1)
     assert "skipped" in result and "full" not in result
 
 
-def test_keyspace_on_a_given_redis_deletes_its_copies() -> None:
+def test_keyspace_on_a_given_redis_deletes_its_copies(redis_target: Target) -> None:
     import redis
-    from conftest import server_target
 
-    target = server_target("redis")
+    target = redis_target
     target.shared = False  # as if given with --url: filled, then cleaned
     result = keyspace.run(target, SMALL, seconds=0.05)
     assert "error" not in result, result
