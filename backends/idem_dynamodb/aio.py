@@ -17,7 +17,8 @@ from .errors import require_driver
 from .plans import Call, Plan, sleep_seconds
 from .settings import Settings
 from .wire import lean, resolve
-from .wire.client import OPERATIONS, AsyncWireClient
+from .wire.aio_http import AsyncWireClient
+from .wire.protocol import OPERATIONS
 
 T = TypeVar("T")
 _running = asyncio.get_running_loop

@@ -13,11 +13,13 @@ microseconds). Every option is validated when the store is built.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .aio import AsyncDynamoDBStore
 from .settings import parse
 from .store import DynamoDBStore
+
+if TYPE_CHECKING:
+    from .aio import AsyncDynamoDBStore
 
 
 class DynamoDBBackend:
@@ -29,6 +31,8 @@ class DynamoDBBackend:
 
     def open_async(self, url: str, *, client: Any = None, **options: Any) -> AsyncDynamoDBStore:
         """An aiobotocore client (entered) or an aiobotocore/aioboto3 session may be given."""
+        from .aio import AsyncDynamoDBStore  # asyncio: not in a sync process's cold start
+
         return AsyncDynamoDBStore(parse(url, options), client)
 
 

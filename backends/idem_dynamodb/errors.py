@@ -8,7 +8,6 @@ everything else is ``StoreUnavailable`` with the driver's exception as ``__cause
 
 from __future__ import annotations
 
-import http.client
 import importlib
 import importlib.util
 
@@ -34,6 +33,8 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     which ``TimeoutError`` and ``ConnectionError`` are), and what the HTTP layers below may
     let through: http.client and urllib3 (boto3), aiohttp (aiobotocore). The lean path
     raises error replies as ``ServiceError`` and connection failures as ``OSError``."""
+    import http.client  # with botocore, which imports it anyway: not in a lean cold start
+
     exc = import_driver("botocore.exceptions", "dynamodb")
     return (
         ServiceError,
@@ -46,8 +47,9 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-#: what the lean path raises: error replies, and broken connections (and timeouts)
-LEAN_TRANSIENT: tuple[type[BaseException], ...] = (ServiceError, OSError, http.client.HTTPException)
+#: what the lean path raises: error replies, and broken connections, bad replies (its parser
+#: raises ``ConnectionError``s) and timeouts
+LEAN_TRANSIENT: tuple[type[BaseException], ...] = (ServiceError, OSError)
 
 
 def require_driver(module: str) -> None:

@@ -1,22 +1,21 @@
 """The lean clients: ``call(op, kwargs)`` returns what boto3's ``client.<op>(**kwargs)``
 returns for the lean operations, or raises :class:`.protocol.ServiceError` (botocore's
 ``ClientError`` shape) or the connection's ``OSError``, after botocore's standard retries.
-:class:`Wire` holds what both twins share; they only do the I/O and the waiting."""
+:class:`Wire` holds what both twins share; they only do the I/O and the waiting (the
+asyncio twin is in :mod:`.aio_http`, so that a sync process never imports asyncio)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-from .aio_http import AsyncPool
 from .http import Endpoint, Pool, request_bytes
 from .protocol import CONTENT_TYPE, OPERATIONS, TARGET, encode, reply
 from .resolve import Credentials
 from .retry import Retries
 from .sigv4 import Frozen, Signer, amz_date
 
-__all__ = ["OPERATIONS", "AsyncWireClient", "Wire", "WireClient"]
+__all__ = ["OPERATIONS", "Wire", "WireClient"]
 
 
 class Wire:
@@ -56,40 +55,6 @@ class WireClient:
                     raise wire.retries.gave_up(exc, attempt) from None
                 attempt, failed = attempt + 1, exc
                 time.sleep(delay)
-                continue
-            wire.retries.succeeded(failed)
-            return result
-
-    def close(self) -> None:
-        self.pool.close()
-
-
-class AsyncWireClient:
-    def __init__(self, wire: Wire, pool: AsyncPool) -> None:
-        self.wire = wire
-        self.pool = pool
-
-    async def _creds(self) -> Frozen:
-        credentials = self.wire.credentials
-        if credentials.stale():
-            # A refresh may be a blocking request (STS, metadata): not in the event loop.
-            return await asyncio.to_thread(credentials.frozen)
-        return credentials.frozen()
-
-    async def call(self, op: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        wire, operation, body = self.wire, OPERATIONS[op], encode(kwargs)
-        attempt, failed = 1, None
-        while True:
-            try:
-                data = wire.request(operation, body, await self._creds(), amz_date())
-                got = await self.pool.send(data)
-                result = reply(operation, got.status, got.headers, got.body)
-            except Exception as exc:
-                delay = wire.retries.delay(exc, attempt)
-                if delay is None:
-                    raise wire.retries.gave_up(exc, attempt) from None
-                attempt, failed = attempt + 1, exc
-                await asyncio.sleep(delay)
                 continue
             wire.retries.succeeded(failed)
             return result

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..settings import Settings
-from .aio_http import AsyncPool
-from .client import AsyncWireClient, Wire, WireClient
+from .client import Wire, WireClient
 from .http import Endpoint, Pool
 from .resolve import Resolved
+
+if TYPE_CHECKING:
+    from .aio_http import AsyncWireClient
 
 
 def enabled(settings: Settings, given: Any, session: Any) -> bool:
@@ -36,6 +38,8 @@ def sync_client(settings: Settings, resolved: Resolved, endpoint: str, region: s
 def async_client(
     settings: Settings, resolved: Resolved, endpoint: str, region: str
 ) -> AsyncWireClient:
+    from .aio_http import AsyncPool, AsyncWireClient  # asyncio: only in async processes
+
     w = wire(settings, resolved, endpoint, region)
     s = settings
     return AsyncWireClient(
