@@ -305,6 +305,7 @@ _PARAM_TYPES: dict[str, Any] = {
     "lease": BigInteger(),
     "life": BigInteger(),
     "fence": BigInteger(),
+    "floor": BigInteger(),
     "ttl": BigInteger(),
     "batch": BigInteger(),
     "result": LargeBinary(),

@@ -8,6 +8,8 @@ batch's size.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,31 @@ from .ops import (  # the dialect-independent parts
 
 _CLAIM_NAMES = ("key", "fingerprint", "attempt", "lease", "life")
 _TAKE_NAMES = (*_CLAIM_NAMES, "old_fence", "old_status", "old_lease", "old_expires")
+
+
+class _FenceFloor:
+    """Fences for records this process creates, strictly increasing.
+
+    A new record's fence is the time of its claim, so that it exceeds whatever fence the key
+    had before the record was deleted (the row, and with it ``fence + 1``, is gone). SQLite's
+    clock ticks in milliseconds, slower than a delete and a claim on a local file, so its
+    ``now`` alone could hand a new holder the fence of one from before ``idem forget``. The
+    claim takes the greater of that clock and this microsecond one, never the same twice in
+    a process; another process on the same file has taken its own fence at least one
+    database write (microseconds) earlier.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns() // 1000, self._last + 1)
+            return self._last
+
+
+_fence_floor = _FenceFloor()
 
 
 def _take_params(request: ClaimRequest, old: Record) -> dict[str, Any]:
@@ -69,8 +96,8 @@ class SQLiteSQL(SQL):
         super().__init__(dialect, table)
         c, t, now = self.c, self.t, self.now
         values = (
-            f"(:key, '{_IN_PROGRESS}', :fingerprint, {now}, {now} + :lease, {now} + :life, "
-            f":attempt, {now}, {now}, NULL)"
+            f"(:key, '{_IN_PROGRESS}', :fingerprint, max({now}, :floor), {now} + :lease, "
+            f"{now} + :life, :attempt, {now}, {now}, NULL)"
         )
         self._batches: dict[tuple[str, int], TextClause] = {}
         self._claim_sql = (
@@ -103,12 +130,12 @@ class SQLiteSQL(SQL):
             return found
         c, t, now = self.c, self.t, self.now
         if kind == "upsert":
-            names: tuple[str, ...] = _CLAIM_NAMES
+            names: tuple[str, ...] = (*_CLAIM_NAMES, "floor")
             sql = self._claim_sql.replace(
                 ":values",
                 ", ".join(
-                    f"(:key_{i}, '{_IN_PROGRESS}', :fingerprint_{i}, {now}, {now} + :lease_{i}, "
-                    f"{now} + :life_{i}, :attempt_{i}, {now}, {now}, NULL)"
+                    f"(:key_{i}, '{_IN_PROGRESS}', :fingerprint_{i}, max({now}, :floor_{i}), "
+                    f"{now} + :lease_{i}, {now} + :life_{i}, :attempt_{i}, {now}, {now}, NULL)"
                     for i in range(n)
                 ),
             )
@@ -158,7 +185,8 @@ class SQLiteSQL(SQL):
         for _ in range(_MAX_RACES):
             if insert:
                 # A key twice: the first request inserts, the second finds it next round.
-                params = _numbered([_claim_params(chunk[i]) for i in insert])
+                floor = _fence_floor()
+                params = _numbered([_claim_params(chunk[i]) | {"floor": floor} for i in insert])
                 rows = (yield self._many("upsert", len(insert)), params).rows
                 won = {(r.key, r.attempt): r for r in map(decode, rows)}
                 for i in insert:
@@ -202,7 +230,7 @@ class SQLiteSQL(SQL):
         params = _claim_params(request)
         for _ in range(_MAX_RACES):
             if inserted:
-                rows = (yield self.stmt_claim, params).rows
+                rows = (yield self.stmt_claim, params | {"floor": _fence_floor()}).rows
                 if rows:
                     return ClaimResult(ClaimOutcome.CLAIMED, decode(rows[0]))
             inserted = True

@@ -248,7 +248,9 @@ class Servers:
         if endpoint is None:
             self.skipped[name] = f"nothing answers on 127.0.0.1:{port} ({env})"
             return
-        url = f"dynamodb://{DDB_TABLE}?region={REGION}&endpoint_url={endpoint}"
+        # read_timeout as boto3's default (60 s), which the peers keep: a local server queues
+        # requests at c=64 (moto serialises them) past the store's 5 s default.
+        url = f"dynamodb://{DDB_TABLE}?region={REGION}&endpoint_url={endpoint}&read_timeout=60"
         if name == "moto":
             # moto copies the whole table once per item of a transaction: batch claims on the
             # bench's shared table would measure that (and exhaust moto), not the store.

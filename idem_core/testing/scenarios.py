@@ -255,6 +255,22 @@ async def fence_grows_across_deletion(s: Any, advance: Advance, key: str) -> Non
 
 
 @scenario
+async def fence_grows_across_deletion_at_once(s: Any, advance: Advance, key: str) -> None:
+    # No pause: a clock that ticks coarser than a delete and a claim take (SQLite's
+    # julianday('now') ticks in milliseconds) must not hand a stale holder its fence again.
+    fences: list[int] = []
+    for i in range(40):
+        if i % 2:
+            got = (await s.claim_many([request(key)]))[0]
+        else:
+            got = await s.claim(request(key))
+        assert got.outcome is ClaimOutcome.CLAIMED
+        fences.append(got.record.fence)
+        await s.delete(key)
+    assert all(a < b for a, b in zip(fences, fences[1:])), fences
+
+
+@scenario
 async def delete_and_get_missing(s: Any, advance: Advance, key: str) -> None:
     assert await s.get(key) is None
     await s.delete(key)  # deleting nothing is fine
