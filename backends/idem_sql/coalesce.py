@@ -41,7 +41,6 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import TextClause
 
 from idem_core.coalesce import AsyncBatcher, Batcher
-from idem_core.record import Status
 
 from .caches import AsyncConnectionCache, ConnectionCache, _Entry, _shielded
 from .ops import SQL, Program, Rows
@@ -91,12 +90,11 @@ def _shared(sql: SQL) -> dict[TextClause, _Shared]:
 def _complete_many(sql: SQL) -> TextClause:
     """``stmt_complete`` (:mod:`idem_sql.ops`) for many keys: the same condition (the
     caller's fence holds the record) and the same writes, per row of the arrays."""
-    c, t, now = sql.c, sql.t, sql.now
+    c, t = sql.c, sql.t
     holds = sql.holds.replace(":key", "q.k").replace(":fence", "q.f")
     returning = ", ".join(f"{t}.{col}" for col in c.values())
     return text(
-        f"UPDATE {t} SET status = '{Status.COMPLETED.value}', result = q.res, "
-        f"expires_at = {now} + q.ttl, updated_at = {now} "
+        f"UPDATE {t} SET {sql.completes('q.res', 'q.ttl')} "
         "FROM unnest(CAST(:keys AS VARCHAR[]), CAST(:fences AS BIGINT[]), "
         "CAST(:results AS BYTEA[]), CAST(:ttls AS BIGINT[])) AS q(k, f, res, ttl) "
         f"WHERE {holds} RETURNING {returning}"

@@ -149,8 +149,7 @@ class SQL:
         self.stmt_packet = self._text("SELECT @@max_allowed_packet")
         ret = f" RETURNING {self.cols}" if self.returning else ""
         self.stmt_complete = self._text(
-            f"UPDATE {t} SET status = '{_COMPLETED}', result = {self.result_sql()}, "
-            f"expires_at = {now} + :ttl, updated_at = {now} WHERE {self.holds}{ret}"
+            f"UPDATE {t} SET {self.completes(self.result_sql(), ':ttl')} WHERE {self.holds}{ret}"
         )
         self.stmt_release = self._text(
             f"UPDATE {t} SET lease_expires_at = 0, updated_at = {now} WHERE {self.holds}"
@@ -175,6 +174,14 @@ class SQL:
 
     def now_sql(self) -> str:
         raise NotImplementedError
+
+    def completes(self, result: str, ttl: str) -> str:
+        """A completion's writes (an ``UPDATE``'s ``SET`` list), for the single statement
+        and PostgreSQL's coalesced one alike."""
+        return (
+            f"status = '{_COMPLETED}', result = {result}, expires_at = {self.now} + {ttl}, "
+            f"updated_at = {self.now}"
+        )
 
     def greatest(self, a: str, b: str) -> str:
         return f"GREATEST({a}, {b})"
