@@ -119,7 +119,7 @@ def _measure(
             took = fill.fill_redis(redis, prefix, live, copies, records)
             out["keys_after_fill"] = int(redis.dbsize())
         fill.check_sample(store, copies, records)
-        out["fill"] = {"seconds": round(took, 2), "records_per_s": round(records / took)}
+        out["fill"] = {"seconds": round(took, 6), "records_per_s": round(records / took)}
         say(f"{records:,} live records: timing")
         out["full"] = _cells(fn, pool, f"{tag}g", seconds)
         if engine is None:
@@ -127,7 +127,7 @@ def _measure(
             return
         say(f"filling {records:,} expired records")
         took = fill.fill_sql(engine, table, dead, f"ks{tag}D", records, layout)
-        out["fill_expired"] = {"seconds": round(took, 2), "records_per_s": round(records / took)}
+        out["fill_expired"] = {"seconds": round(took, 6), "records_per_s": round(records / took)}
         say(f"idem purge of {records:,} expired records, live calls meanwhile")
         out["purge"] = _purge(url, fn, f"{tag}p")
         out["rows_after_purge"] = fill.count_rows(engine, table)
@@ -198,7 +198,7 @@ def _purge(url: str, fn: Callable[..., Any], tag: str) -> dict[str, Any]:
     purged = int(found.group(1)) if found else 0
     return {
         "records": purged,
-        "seconds": round(box["seconds"], 2),
+        "seconds": round(box["seconds"], 6),
         "records_per_s": round(purged / box["seconds"]) if box["seconds"] > 0 else None,
         "batch": PURGE_BATCH,
         "claims": calls,
