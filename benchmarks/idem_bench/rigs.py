@@ -223,11 +223,21 @@ def _floor_key() -> dict[str, Any]:
     return {"pk": {"S": "idem-bench-floor"}}
 
 
-def _ddb_setup(target: Target) -> None:
+def _ddb_setup(url: str) -> None:
     """Creates the table on a store of its own: setup goes through boto3, and the timed
     store must not hold a boto3 client it never needs on the lean path."""
-    with Idempotency.from_url(target.url) as idem:
+    with Idempotency.from_url(url) as idem:
         getattr(idem.store, "setup", lambda: None)()
+
+
+def _ddb_drop(target: Target, url: str) -> Callable[[], None]:
+    """Drops a rig's own table (see :func:`_ours_url`) when the rig closes."""
+
+    def drop() -> None:
+        if _table_of(url) != _table_of(target.url):
+            _boto_client(target.server).delete_table(TableName=_table_of(url))
+
+    return drop
 
 
 def _count_wire(wire: Any, counter: Counter) -> None:
@@ -246,9 +256,31 @@ def _count_wire(wire: Any, counter: Counter) -> None:
 # -- idem-core -------------------------------------------------------------------------
 
 
+def _steps_idem(
+    target: Target, tag: str, idem: Idempotency, closers: list[Any], aio: bool
+) -> Idempotency:
+    """The Idempotency a rig's steps run on: its own, but on moto one on a table of its own
+    (steps are transactions there, and moto copies the whole table for each, see
+    :func:`_ours_url`), which only the steps cell fills."""
+    if not (target.kind == "dynamodb" and target.name == "moto"):
+        return idem
+    url = _ours_url(target, f"{tag}s")
+    _ddb_setup(url)
+    closers.append(_ddb_drop(target, url))
+    steps = Idempotency.from_url(url, namespace=f"bench{tag}", ttl=TTL, lease=LEASE)
+    closers.append(steps.aclose if aio else steps.close)
+    return steps
+
+
 def _ours_url(target: Target, tag: str) -> str:
     if target.kind == "sql" and target.database != "sqlite":
         return with_params(target.url, table=f"idem_bench_{tag}")
+    if target.kind == "dynamodb" and target.name == "moto":
+        # moto deep-copies a whole table for every transaction (steps are 2-item
+        # TransactWriteItems) and keeps the copies: on the run's shared table, megabytes per
+        # step until the kernel killed moto (23 GB). A table per rig stays small.
+        table = _table_of(target.url)
+        return target.url.replace(f"://{table}", f"://{table}_{tag}", 1)
     return target.url
 
 
@@ -271,7 +303,8 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         else:
             floor, floor_name = client.ping, "PING"
     elif target.kind == "dynamodb":
-        _ddb_setup(target)
+        _ddb_setup(_ours_url(target, tag))
+        closers.append(_ddb_drop(target, _ours_url(target, tag)))
     idem = Idempotency.from_url(
         _ours_url(target, tag),
         client=client,
@@ -288,7 +321,7 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         wire = cast(Any, store)._lean_client()
         if rts is not None:
             _count_wire(wire, rts)
-        table, key = _table_of(target.url), _floor_key()
+        table, key = _table_of(_ours_url(target, tag)), _floor_key()
 
         def ddb_floor() -> Any:
             return wire.call("get_item", {"TableName": table, "Key": key})
@@ -321,7 +354,8 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         step = current_call().step
         return [step(f"s{i}", lambda: charge(order_id, amount)) for i in range(STEPS)]
 
-    sfn = idem.idempotent(key="order_id", scope=f"steps{tag}")(charge_in_steps)
+    sidem = _steps_idem(target, tag, idem, closers, aio=False)
+    sfn = sidem.idempotent(key="order_id", scope=f"steps{tag}")(charge_in_steps)
 
     return SyncRig(
         "idem-core",
@@ -400,7 +434,8 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         else:
             floor, floor_name = client.ping, "PING"
     elif target.kind == "dynamodb":
-        await asyncio.to_thread(_ddb_setup, target)
+        await asyncio.to_thread(_ddb_setup, _ours_url(target, tag))
+        closers.append(_ddb_drop(target, _ours_url(target, tag)))
     idem = Idempotency.from_url(
         _ours_url(target, tag),
         client=client,
@@ -417,7 +452,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         awire = await cast(Any, astore)._get_wire()
         if rts is not None:
             _count_wire(awire, rts)
-        table, key = _table_of(target.url), _floor_key()
+        table, key = _table_of(_ours_url(target, tag)), _floor_key()
 
         async def ddb_floor() -> Any:
             return await awire.call("get_item", {"TableName": table, "Key": key})
@@ -460,7 +495,8 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         astep = current_acall().astep
         return [await astep(f"s{i}", lambda: acharge(order_id, amount)) for i in range(STEPS)]
 
-    sfn = idem.idempotent(key="order_id", scope=f"asteps{tag}")(acharge_in_steps)
+    sidem = await asyncio.to_thread(_steps_idem, target, tag, idem, closers, True)
+    sfn = sidem.idempotent(key="order_id", scope=f"asteps{tag}")(acharge_in_steps)
 
     async def stepped(key: str) -> Any:
         return await sfn(key, 1)
