@@ -26,10 +26,11 @@ two successive ``claim`` calls would.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
+
+import msgspec
 
 from idem_core import machine
 from idem_core.errors import StoreUnavailable
@@ -68,8 +69,7 @@ def batched(settings: Settings, requests: Sequence[ClaimRequest]) -> bool:
     return least is not None and len(requests) >= least and len({r.key for r in requests}) >= least
 
 
-@dataclasses.dataclass
-class _Claim:
+class _Claim(msgspec.Struct):
     """One key's claim across rounds: what its last refused write found, and this try."""
 
     index: int

@@ -14,11 +14,12 @@ interpreted by the machine.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import threading
 from collections.abc import Generator, Sequence
 from typing import Any, TypeVar
+
+import msgspec
 
 from idem_core import machine
 from idem_core.errors import ConfigurationError, IdempotencyError, StoreUnavailable
@@ -58,16 +59,14 @@ WATCHED_LEGACY = "(#st = :ip AND #f = :prev AND attribute_not_exists(#v) AND #l 
 HOLDS = "(#st = :ip AND #f = :fence AND #l <> :released AND #e > :now)"
 
 
-@dataclasses.dataclass
-class Call:
+class Call(msgspec.Struct):
     op: str
     kwargs: dict[str, Any]
     #: error codes handed back to the plan as ``Failed`` instead of raising StoreUnavailable
     expect: frozenset[str] = _CONDITIONAL
 
 
-@dataclasses.dataclass
-class Failed:
+class Failed(msgspec.Struct):
     code: str
     response: dict[str, Any]
     error: BaseException
@@ -77,8 +76,7 @@ Reply = dict[str, Any] | Failed
 Plan = Generator[Call, Reply, T]
 
 
-@dataclasses.dataclass(frozen=True)
-class Seen:
+class Seen(msgspec.Struct, frozen=True):
     """A stored record and its lease version."""
 
     record: Record

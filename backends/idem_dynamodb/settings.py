@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
+
+import msgspec
 
 from idem_core.clock import Clock, system_clock
 from idem_core.errors import ConfigurationError
@@ -26,8 +27,7 @@ def monotonic_clock() -> int:
     return time.monotonic_ns() // 1000
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True):
     """Everything a URL can say, after validation. Keyword options override the URL."""
 
     table: str
@@ -103,7 +103,7 @@ def parse(url: str, options: dict[str, Any]) -> Settings:
     for old, why in _RENAMED.items():
         if old in raw:
             raise ConfigurationError(f"dynamodb:// option {old!r}: {why}")
-    known = {f.name for f in dataclasses.fields(Settings)} - {"table"}
+    known = set(Settings.__struct_fields__) - {"table"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigurationError(

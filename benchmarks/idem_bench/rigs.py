@@ -257,7 +257,7 @@ def _count_wire(wire: Any, counter: Counter) -> None:
 
 
 def _steps_idem(
-    target: Target, tag: str, idem: Idempotency, closers: list[Any], aio: bool
+    target: Target, tag: str, idem: Idempotency, closers: list[Any], aio: bool, ops: Any
 ) -> Idempotency:
     """The Idempotency a rig's steps run on: its own, but on moto one on a table of its own
     (steps are transactions there, and moto copies the whole table for each, see
@@ -267,7 +267,7 @@ def _steps_idem(
     url = _ours_url(target, f"{tag}s")
     _ddb_setup(url)
     closers.append(_ddb_drop(target, url))
-    steps = Idempotency.from_url(url, namespace=f"bench{tag}", ttl=TTL, lease=LEASE)
+    steps = Idempotency.from_url(url, namespace=f"bench{tag}", ttl=TTL, lease=LEASE, instrument=ops)
     closers.append(steps.aclose if aio else steps.close)
     return steps
 
@@ -354,7 +354,9 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         step = current_call().step
         return [step(f"s{i}", lambda: charge(order_id, amount)) for i in range(STEPS)]
 
-    sidem = _steps_idem(target, tag, idem, closers, aio=False)
+    sidem = _steps_idem(target, tag, idem, closers, False, ops)
+    if sidem is not idem and rts is not None:
+        _count_wire(cast(Any, sidem.store)._lean_client(), rts)
     sfn = sidem.idempotent(key="order_id", scope=f"steps{tag}")(charge_in_steps)
 
     return SyncRig(
@@ -495,7 +497,9 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         astep = current_acall().astep
         return [await astep(f"s{i}", lambda: acharge(order_id, amount)) for i in range(STEPS)]
 
-    sidem = await asyncio.to_thread(_steps_idem, target, tag, idem, closers, True)
+    sidem = await asyncio.to_thread(_steps_idem, target, tag, idem, closers, True, ops)
+    if sidem is not idem and rts is not None:
+        _count_wire(await cast(Any, sidem.astore)._get_wire(), rts)
     sfn = sidem.idempotent(key="order_id", scope=f"asteps{tag}")(acharge_in_steps)
 
     async def stepped(key: str) -> Any:

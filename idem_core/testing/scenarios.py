@@ -6,6 +6,7 @@ A sync store runs them through :class:`AsyncView`; an async store runs them as i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -267,7 +268,7 @@ async def fence_grows_across_deletion_at_once(s: Any, advance: Advance, key: str
         assert got.outcome is ClaimOutcome.CLAIMED
         fences.append(got.record.fence)
         await s.delete(key)
-    assert all(a < b for a, b in zip(fences, fences[1:])), fences
+    assert all(a < b for a, b in itertools.pairwise(fences)), fences
 
 
 @scenario

@@ -11,19 +11,19 @@ connection, once. Any other failure goes to the caller (and to the retry policy 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
 import ssl
 import threading
 from urllib.parse import urlsplit
 
+import msgspec
+
 _MAX_HEAD = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
+class Endpoint(msgspec.Struct, frozen=True):
     """Where requests go: ``url`` split into what a connection and the signature need."""
 
     url: str

@@ -16,10 +16,11 @@ boto3 client.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from typing import Any
+
+import msgspec
 
 from idem_core.errors import ConfigurationError
 
@@ -53,8 +54,7 @@ class Credentials:
         return bool(self.refreshable and self._botocore.refresh_needed())
 
 
-@dataclasses.dataclass(frozen=True)
-class Resolved:
+class Resolved(msgspec.Struct, frozen=True):
     region: str | None
     #: None: only botocore's endpoint rules know it
     endpoint: str | None
