@@ -219,8 +219,9 @@ class AsyncSQLStore(_Common):
                 await aexecute_item(self._connection, item)
             return await run_async(self._connection, program)
         assert self._engine is not None
-        level = self._engine.dialect.default_isolation_level or "SERIALIZABLE"
         async with self._connect() as raw:
+            # known once the engine has connected (the SQLite store's claims use another)
+            level = raw.dialect.default_isolation_level or "SERIALIZABLE"
             conn = await raw.execution_options(isolation_level=level)
             async with conn.begin():
                 for item in items:

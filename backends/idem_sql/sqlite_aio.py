@@ -17,10 +17,9 @@ each program (:mod:`idem_sql.ops`) on a pooled ``sqlite3`` connection exactly as
   (``busy_timeout``) makes the worker wait, never the event loop.
 
 Only our own engine on a database file takes this path (an in-memory database is one
-connection, the async engine's). What does not run a program (creating the table,
-diagnostics, a caller's statements in ``complete(with_items=...)``, a store bound to a
-connection) and any call while statement listeners watch the async engine still go through
-aiosqlite.
+connection, the async engine's). Creating the table and diagnostics run on the worker too.
+A caller's statements in ``complete(with_items=...)``, a store bound to a connection, and any
+call while statement listeners watch the async engine still go through aiosqlite.
 
 Lifetime: ``close()`` stops the worker and disposes of its engine; a store left unclosed
 (its event loop closed, say) stops them when it is collected. A forked child starts its own
@@ -38,7 +37,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from .aio import AsyncSQLStore
 from .caches import ConnectionCache
@@ -299,6 +298,26 @@ class AsyncSQLiteStore(AsyncSQLStore):
             program = value
         rest = program
         return await worker.submit(lambda: worker.cache.run(rest))
+
+    async def _on_connection(self, work: Callable[[Connection], T]) -> T:
+        """Setup and diagnostics on the worker too, with a connection of ``runner``: through
+        aiosqlite, a connect that fails (a file that cannot be opened) leaves aiosqlite's
+        thread behind, to report to an event loop that may be closed by then."""
+        assert self._engine is not None
+        dispatch = self._engine.sync_engine.dispatch
+        if (
+            self._connection is not None
+            or dispatch.before_cursor_execute
+            or dispatch.after_cursor_execute
+        ):
+            return await super()._on_connection(work)
+        runner = self._worker.engine
+
+        def on_runner() -> T:
+            with runner.connect() as conn:
+                return work(conn)
+
+        return await self._worker.submit(on_runner)
 
     async def close(self) -> None:
         """Stop the worker (its connections closed first), then close as the parent does."""

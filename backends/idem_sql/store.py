@@ -184,8 +184,9 @@ class SQLStore(_Common):
                 execute_item(self._connection, item)
             return run_sync(self._connection, program)
         assert self._engine is not None
-        level = self._engine.dialect.default_isolation_level or "SERIALIZABLE"
         with self._connect() as raw:
+            # known once the engine has connected
+            level = raw.dialect.default_isolation_level or "SERIALIZABLE"
             conn = raw.execution_options(isolation_level=level)
             with conn.begin():
                 for item in items:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select
 
 from idem_core.errors import StoreUnavailable
-from idem_core.record import ClaimOutcome, ClaimRequest
-from idem_core.registry import open_async_store
+from idem_core.record import ClaimOutcome, ClaimRequest, Status
+from idem_core.registry import open_async_store, open_store
 
 WORKER_NAME = "idem-sqlite"
 
@@ -61,7 +61,8 @@ def test_short_calls_run_inline_and_the_rest_on_the_worker(url: str) -> None:
                 lambda sql: seen.append((threading.current_thread().name, sql))
             ),
         )
-        await store.setup()
+        await store.setup()  # on the worker, as it creates the table
+        seen.clear()
         first = await store.claim(req())
         assert first.outcome is ClaimOutcome.CLAIMED
         done = await store.complete(first.record.key, first.fence, b"r", 60)
@@ -295,3 +296,58 @@ def test_the_worker_checkpoints_for_the_inline_connection(
 
     asyncio.run(main())
     assert checkpoints == [WORKER_NAME, WORKER_NAME]
+
+
+def test_setup_and_diagnostics_on_an_unopenable_file_leave_no_thread_behind() -> None:
+    """Setup and diagnostics run on the store's worker like every program: through
+    aiosqlite, a failed connect left aiosqlite's thread running past the store's close, and it
+    later reported to the closed event loop ("Event loop is closed" in another test)."""
+    before = {t.ident for t in threading.enumerate()}
+    unraised: list[Any] = []
+    previous = threading.excepthook
+    threading.excepthook = unraised.append
+
+    async def main() -> None:
+        store = open_async_store("sqlite:////nonexistent/dir/x.db")
+        for call in (store.setup, store.diagnostics):
+            with pytest.raises(StoreUnavailable):
+                await call()
+        await store.close()
+
+    try:
+        asyncio.run(main())
+        left = [t for t in threading.enumerate() if t.ident not in before]
+        for t in left:
+            t.join(5)
+        assert [t.name for t in left if t.is_alive()] == []
+        assert [t.name for t in left if "_connection_worker_thread" in t.name] == []
+        assert unraised == []
+    finally:
+        threading.excepthook = previous
+
+
+def test_with_items_as_the_async_engines_first_use(url: str) -> None:
+    """The table made elsewhere (``idem setup``), the store's claims on its own worker: the
+    first statement on the async engine is a completion with the caller's items. It read the
+    dialect's isolation level before any connection had set it (AttributeError)."""
+    sync = open_store(url)
+    sync.setup()
+    sync.close()
+    orders = Table("orders", MetaData(), Column("id", Integer, primary_key=True))
+    engine = create_engine(url)
+    orders.metadata.create_all(engine)
+
+    async def main() -> Any:
+        store = open_async_store(url)
+        held = await store.claim(req())
+        done = await store.complete(
+            held.record.key, held.fence, b"r", 60, with_items=[insert(orders).values(id=7)]
+        )
+        await store.close()
+        return done
+
+    done = asyncio.run(main())
+    assert done.status is Status.COMPLETED
+    with engine.connect() as conn:
+        assert conn.execute(select(orders.c.id)).scalars().all() == [7]
+    engine.dispose()
