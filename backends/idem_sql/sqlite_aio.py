@@ -281,12 +281,16 @@ class AsyncSQLiteStore(AsyncSQLStore):
         """Whether programs run on the store's worker thread (this class: always)."""
         return True
 
-    async def _execute(self, program: Program[T], *, hot: bool = False) -> T:
-        # ``hot`` asks for coalescing, which only PostgreSQL does: here a call runs inline.
+    def _watched(self) -> bool:
+        """Whether statement listeners watch the async engine: then statements go through it,
+        so that the listeners see them."""
         assert self._engine is not None
         dispatch = self._engine.sync_engine.dispatch
-        if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
-            # Statement listeners watch the async engine: let them see the statements.
+        return bool(dispatch.before_cursor_execute or dispatch.after_cursor_execute)
+
+    async def _execute(self, program: Program[T], *, hot: bool = False) -> T:
+        # ``hot`` asks for coalescing, which only PostgreSQL does: here a call runs inline.
+        if self._watched():
             return await super()._execute(program, hot=hot)
         worker = self._worker
         if getattr(program, "__name__", "") in _SHORT and worker.inline.usable:
@@ -303,13 +307,7 @@ class AsyncSQLiteStore(AsyncSQLStore):
         """Setup and diagnostics on the worker too, with a connection of ``runner``: through
         aiosqlite, a connect that fails (a file that cannot be opened) leaves aiosqlite's
         thread behind, to report to an event loop that may be closed by then."""
-        assert self._engine is not None
-        dispatch = self._engine.sync_engine.dispatch
-        if (
-            self._connection is not None
-            or dispatch.before_cursor_execute
-            or dispatch.after_cursor_execute
-        ):
+        if self._connection is not None or self._watched():
             return await super()._on_connection(work)
         runner = self._worker.engine
 

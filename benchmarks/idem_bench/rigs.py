@@ -230,14 +230,12 @@ def _ddb_setup(url: str) -> None:
         getattr(idem.store, "setup", lambda: None)()
 
 
-def _ddb_drop(target: Target, url: str) -> Callable[[], None]:
-    """Drops a rig's own table (see :func:`_ours_url`) when the rig closes."""
-
-    def drop() -> None:
-        if _table_of(url) != _table_of(target.url):
-            _boto_client(target.server).delete_table(TableName=_table_of(url))
-
-    return drop
+def _ddb_table(target: Target, url: str, closers: list[Any]) -> None:
+    """Creates the table of ``url``; a rig's own table (see :func:`_ours_url`) is dropped
+    when the rig closes."""
+    _ddb_setup(url)
+    if _table_of(url) != _table_of(target.url):
+        closers.append(lambda: _boto_client(target.server).delete_table(TableName=_table_of(url)))
 
 
 def _count_wire(wire: Any, counter: Counter) -> None:
@@ -265,8 +263,7 @@ def _steps_idem(
     if not (target.kind == "dynamodb" and target.name == "moto"):
         return idem
     url = _ours_url(target, f"{tag}s")
-    _ddb_setup(url)
-    closers.append(_ddb_drop(target, url))
+    _ddb_table(target, url, closers)
     steps = Idempotency.from_url(url, namespace=f"bench{tag}", ttl=TTL, lease=LEASE, instrument=ops)
     closers.append(steps.aclose if aio else steps.close)
     return steps
@@ -303,8 +300,7 @@ def ours_sync(target: Target, tag: str, counting: bool = False) -> SyncRig:
         else:
             floor, floor_name = client.ping, "PING"
     elif target.kind == "dynamodb":
-        _ddb_setup(_ours_url(target, tag))
-        closers.append(_ddb_drop(target, _ours_url(target, tag)))
+        _ddb_table(target, _ours_url(target, tag), closers)
     idem = Idempotency.from_url(
         _ours_url(target, tag),
         client=client,
@@ -436,8 +432,7 @@ async def ours_async(target: Target, tag: str, counting: bool = False) -> AsyncR
         else:
             floor, floor_name = client.ping, "PING"
     elif target.kind == "dynamodb":
-        await asyncio.to_thread(_ddb_setup, _ours_url(target, tag))
-        closers.append(_ddb_drop(target, _ours_url(target, tag)))
+        await asyncio.to_thread(_ddb_table, target, _ours_url(target, tag), closers)
     idem = Idempotency.from_url(
         _ours_url(target, tag),
         client=client,
