@@ -69,6 +69,71 @@ def test_requests_per_call(store: DynamoDBStore, server: Server, key: str) -> No
     assert calls.take() == ["UpdateItem", "UpdateItem"]
 
 
+def _requests(store: DynamoDBStore) -> list[tuple[str, dict[str, Any]]]:
+    """The requests a sync store sends from now on: (operation, parameters)."""
+    from idem_dynamodb.wire.protocol import OPERATIONS
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+    if store._lean:
+        wire = store._lean_client()
+        call = wire.call
+
+        def recorded(op: str, kwargs: dict[str, Any]) -> Any:
+            sent.append((OPERATIONS[op], kwargs))
+            return call(op, kwargs)
+
+        wire.call = recorded  # type: ignore[method-assign]
+    else:
+
+        def seen(params: dict[str, Any], model: Any, **_: Any) -> None:
+            sent.append((model.name, dict(params)))
+
+        store.client.meta.events.register("provide-client-params.dynamodb.*", seen)
+    return sent
+
+
+def test_a_completion_asks_back_only_for_what_this_process_does_not_know(
+    server: Server, store: DynamoDBStore, key: str
+) -> None:
+    """The store that claimed a key knows the record it completes: its one UpdateItem asks
+    for nothing back and removes nothing (the claim wrote the whole item, without a result).
+    A store that did not claim it gets the record back with the same one request."""
+    sent = _requests(store)
+    claimed = store.claim(req(key))
+    done = store.complete(key, claimed.fence, b"result", TTL)
+    (op, params) = sent[-1]
+    assert op == "UpdateItem" and "ReturnValues" not in params
+    assert "REMOVE" not in params["UpdateExpression"]
+    assert set(params["ExpressionAttributeNames"]) == {"#st", "#f", "#l", "#e", "#t", "#u", "#r"}
+    assert (done.fingerprint, done.attempt, done.created_at, done.fence) == (
+        claimed.record.fingerprint,
+        claimed.record.attempt,
+        claimed.record.created_at,
+        claimed.fence,
+    )
+    assert done.status is Status.COMPLETED and done.result == b"result"
+    replay = store.claim(req(key))
+    assert replay.outcome is ClaimOutcome.COMPLETED and replay.record.result == b"result"
+    # An empty result is told from no result by its encoding, written with it.
+    empty = f"{key}-e"
+    store.complete(empty, store.claim(req(empty)).fence, b"", TTL)
+    assert store.claim(req(empty)).record.result == b""
+
+    other_key = f"{key}-b"
+    claimed = store.claim(req(other_key))
+    with server.open() as other:
+        theirs = _requests(other)
+        done = other.complete(other_key, claimed.fence, b"r", TTL)
+    assert [op for op, _ in theirs] == ["UpdateItem"]
+    assert theirs[0][1]["ReturnValues"] == "ALL_OLD"
+    assert (done.fingerprint, done.attempt, done.created_at) == (
+        claimed.record.fingerprint,
+        claimed.record.attempt,
+        claimed.record.created_at,
+    )
+    assert store.claim(req(other_key)).record.result == b"r"
+
+
 async def test_requests_per_call_async(server: Server, key: str) -> None:
     store = BACKEND.open_async(server.url())
     try:
