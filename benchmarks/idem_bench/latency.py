@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,8 @@ class Settings:
     cell_seconds: float = 0.5
     max_ops: int = 1_000_000
     warmup: int = 20
+    #: run the sync first-call cells again with the threads on one CPU (see ``one_cpu``)
+    one_cpu: bool = True
 
 
 def new_hist() -> HdrHistogram:
@@ -69,8 +72,25 @@ def summarize(
     return out
 
 
+def one_cpu() -> set[int] | None:
+    """One CPU of those this process may run on, or None where there is only one (or no
+    way to choose). Threads of one CPython process take turns holding the GIL; spread over
+    several CPUs, each turn can wake a thread on another CPU, which on a small VM costs more
+    than a whole call (see docs/benchmarks.md); on one CPU they hand over locally."""
+    getter = getattr(os, "sched_getaffinity", None)
+    if getter is None:
+        return None
+    cpus = sorted(getter(0))
+    return {cpus[0]} if len(cpus) > 1 else None
+
+
 def sync_cell(
-    op: Callable[[int], Any], concurrency: int, seconds: float, max_ops: int, keep_cdf: bool
+    op: Callable[[int], Any],
+    concurrency: int,
+    seconds: float,
+    max_ops: int,
+    keep_cdf: bool,
+    cpus: set[int] | None = None,
 ) -> dict[str, Any]:
     counter = itertools.count()
     hists: list[HdrHistogram] = []
@@ -82,6 +102,8 @@ def sync_cell(
     def worker() -> None:
         hist = new_hist()
         record = hist.record_value
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)  # this thread only (Linux: 0 is the caller)
         start.wait()
         deadline = deadline_box[0]
         try:
@@ -245,6 +267,21 @@ def sync_section(
                     )
                 except Exception as exc:
                     results[scenario][str(c)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        cpus = one_cpu() if settings.one_cpu else None
+        if "first" in results and cpus is not None:
+            # The same first calls with every thread on one CPU, on keys of their own.
+            first = ops["first"]
+            pinned: dict[str, Any] = {"cpu": min(cpus)}
+            for c in settings.concurrency:
+                progress.cell(f"{label} first c={c}, one CPU")
+                seconds = settings.latency_seconds if c == 1 else settings.cell_seconds
+                try:
+                    pinned[str(c)] = sync_cell(
+                        _offset(first, 100 + c), c, seconds, settings.max_ops, False, cpus
+                    )
+                except Exception as exc:
+                    pinned[str(c)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            results["first_one_cpu"] = pinned
     finally:
         if release is not None:
             release()

@@ -27,19 +27,26 @@ def scaling(results: dict[str, Any]) -> list[dict[str, Any]]:
     for s in results.get("latency", []):
         if s.get("system") != "idem-core" or "scenarios" not in s:
             continue
-        cells = s["scenarios"].get("first", {})
-        thr = {c: cells.get(c, {}).get("throughput") for c in LEVELS}
-        one = thr["1"]
-        row = {
-            "target": s["target"],
-            "mode": "threads" if s["mode"] == "sync" else "async tasks",
-            "throughput": thr,
-            "ratio_64_1": round(thr["64"] / one, 2) if one and thr["64"] else None,
-            "min_ratio_over_1": round(min(v for c, v in thr.items() if c != "1" and v) / one, 2)
-            if one and any(v for c, v in thr.items() if c != "1")
-            else None,
-        }
-        rows.append(row)
+        modes = [("threads" if s["mode"] == "sync" else "async tasks", "first")]
+        if s["scenarios"].get("first_one_cpu"):
+            modes.append(("threads, one CPU", "first_one_cpu"))
+        for mode, scenario in modes:
+            cells = s["scenarios"].get(scenario, {})
+            thr = {c: cells.get(c, {}).get("throughput") for c in LEVELS}
+            one = thr["1"]
+            rows.append(
+                {
+                    "target": s["target"],
+                    "mode": mode,
+                    "throughput": thr,
+                    "ratio_64_1": round(thr["64"] / one, 2) if one and thr["64"] else None,
+                    "min_ratio_over_1": round(
+                        min(v for c, v in thr.items() if c != "1" and v) / one, 2
+                    )
+                    if one and any(v for c, v in thr.items() if c != "1")
+                    else None,
+                }
+            )
     return rows
 
 

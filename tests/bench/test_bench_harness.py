@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,15 @@ QUICK = latency.Settings(
 )
 
 
-def _check_cells(scenarios: dict[str, Any]) -> None:
-    assert set(scenarios) == {"first", "replay", "conflict", "claim_many", "steps"}
+def _check_cells(scenarios: dict[str, Any], sync: bool = False) -> None:
+    expected = {"first", "replay", "conflict", "claim_many", "steps"}
+    pinned = scenarios.pop("first_one_cpu", None)
+    if sync and latency.one_cpu() is not None:
+        # the sync first calls again, every thread on one CPU
+        assert pinned is not None and pinned.pop("cpu") == min(latency.one_cpu() or ())
+        scenarios = {**scenarios, "first_one_cpu": pinned}
+        expected.add("first_one_cpu")
+    assert set(scenarios) == expected
     for cells in scenarios.values():
         assert set(cells) == {"1", "4"}
         for cell in cells.values():
@@ -47,7 +55,7 @@ def test_sync_section_on_memory_is_well_formed() -> None:
         latency.Progress(),
         "memory",
     )
-    _check_cells(scenarios)
+    _check_cells(scenarios, sync=True)
     # claim + complete on a first call, one claim on a replay, on a conflict and per batch
     assert counts["first"]["store_ops"] == 2
     assert counts["replay"]["store_ops"] == 1
@@ -55,6 +63,19 @@ def test_sync_section_on_memory_is_well_formed() -> None:
     assert counts["claim_many"]["store_ops"] == 1
     # claim, one read of the recorded steps, a record per step, complete
     assert counts["steps"]["store_ops"] == 3 + rigs.STEPS
+
+
+def test_sync_cells_on_one_cpu_run_every_thread_there() -> None:
+    cpus = latency.one_cpu()
+    if cpus is None:
+        pytest.skip("this process may run on one CPU only: there is nothing to choose")
+    before = os.sched_getaffinity(0)
+    seen: set[frozenset[int]] = set()
+    cell = latency.sync_cell(
+        lambda i: seen.add(frozenset(os.sched_getaffinity(0))), 4, 0.05, 400, False, cpus
+    )
+    assert cell["ops"] > 0 and seen == {frozenset(cpus)}
+    assert os.sched_getaffinity(0) == before  # the caller's thread is left where it was
 
 
 def test_async_section_on_memory_is_well_formed() -> None:
@@ -83,8 +104,10 @@ def test_cli_writes_results_report_and_plots(tmp_path: Path) -> None:
     assert results["meta"]["machine"]
     sections = results["latency"]
     assert [(s["target"], s["mode"]) for s in sections] == [("memory", "sync"), ("memory", "async")]
+    pinned = {"first_one_cpu"} if latency.one_cpu() is not None else set()
     for section in sections:
-        assert set(section["scenarios"]) == {"first", "replay"}
+        extra = pinned if section["mode"] == "sync" else set()
+        assert set(section["scenarios"]) == {"first", "replay", *extra}
     [race] = results["races"]
     assert race["results"]["zombie"]["ok"] is True
     assert race["results"]["zombie"]["zombie_accepted"] == 0
