@@ -6,7 +6,7 @@ driver is reported as the extra to install, for the URL at hand.
 URL options (query parameters, removed before the URL reaches SQLAlchemy):
 
 ``table``            records table name (a plain identifier), default ``idem_records``
-``pool_size``        pooled connections kept open (SQLAlchemy ``pool_size``)
+``pool_size``        pooled connections kept open (SQLAlchemy ``pool_size``; a SQLite file: 64)
 ``max_overflow``     extra connections opened under load (``max_overflow``)
 ``pool_timeout``     seconds to wait for a pooled connection (``pool_timeout``)
 ``pool_recycle``     seconds after which a pooled connection is replaced (``pool_recycle``)
@@ -272,6 +272,10 @@ def _split_options(
     return sa_url.difference_update_query(_OPTIONS), parsed
 
 
+#: connections kept for a SQLite file (threads of one process: see ``_engine_args``)
+SQLITE_POOL_SIZE = 64
+
+
 def _engine_args(database: str, sa_url: URL, opts: dict[str, Any]) -> dict[str, Any]:
     args: dict[str, Any] = {
         "isolation_level": "AUTOCOMMIT",
@@ -292,6 +296,11 @@ def _engine_args(database: str, sa_url: URL, opts: dict[str, Any]) -> dict[str, 
             args["connect_args"] = {"check_same_thread": False}
             for name in ("pool_size", "max_overflow", "pool_timeout"):
                 args.pop(name, None)
+        else:
+            # A connection to a file is a file handle, opened only when a thread needs one;
+            # a thread waiting for one of SQLAlchemy's 5 costs far more (64 threads: 2,200
+            # first calls/s with 5, 3,500 with 64; 16 threads: 3,200 and 5,400).
+            args.setdefault("pool_size", SQLITE_POOL_SIZE)
     else:
         args["connect_args"] = _timeout_args(sa_url.get_driver_name(), opts, set(sa_url.query))
     return args

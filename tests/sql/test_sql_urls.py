@@ -86,3 +86,49 @@ async def test_driver_parameters_we_pass_on_still_work(db: str, db_url: str) -> 
 
 def req() -> ClaimRequest:
     return ClaimRequest(key=uuid.uuid4().hex, fingerprint="f", attempt="a", lease=30, ttl=60)
+
+
+def test_a_sqlite_file_keeps_a_connection_for_each_of_many_threads(tmp_path: Any) -> None:
+    """Up to 64 connections to a SQLite file (a thread waiting on SQLAlchemy's 5 cost more
+    than a connection), opened as threads need them; ``pool_size`` still decides."""
+    import threading
+
+    from idem_sql.backend import SQLITE_POOL_SIZE
+
+    from idem_core.record import ClaimOutcome
+
+    store = open_store(f"sqlite:///{tmp_path}/many.db")
+    given = open_store(f"sqlite:///{tmp_path}/many.db?pool_size=3")
+    try:
+        assert (store.engine.pool.size(), given.engine.pool.size()) == (SQLITE_POOL_SIZE, 3)
+        # 32 threads race for the same 50 keys: each key is claimed exactly once, every
+        # other claim sees it in progress, and nothing fails for want of the write lock.
+        keys = [f"k{i}" for i in range(50)]
+        outcomes: list[ClaimOutcome] = []
+        errors: list[BaseException] = []
+        start = threading.Barrier(32)
+
+        def race() -> None:
+            try:
+                start.wait(10)
+                for key in keys:
+                    outcomes.append(
+                        store.claim(ClaimRequest(key, "f" * 32, uuid.uuid4().hex, 60, 600)).outcome
+                    )
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=race) for _ in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert outcomes.count(ClaimOutcome.CLAIMED) == len(keys)
+        assert outcomes.count(ClaimOutcome.IN_PROGRESS) == 31 * len(keys)
+        assert (
+            1 < store.engine.pool.checkedin() + store.engine.pool.checkedout() <= SQLITE_POOL_SIZE
+        )
+    finally:
+        store.close()
+        given.close()
