@@ -298,8 +298,7 @@ def _engine_args(database: str, sa_url: URL, opts: dict[str, Any]) -> dict[str, 
                 args.pop(name, None)
         else:
             # A connection to a file is a file handle, opened only when a thread needs one;
-            # a thread waiting for one of SQLAlchemy's 5 costs far more (64 threads: 2,200
-            # first calls/s with 5, 3,500 with 64; 16 threads: 3,200 and 5,400).
+            # a thread waiting for one of SQLAlchemy's 5 costs far more (docs/benchmarks.md).
             args.setdefault("pool_size", SQLITE_POOL_SIZE)
     else:
         args["connect_args"] = _timeout_args(sa_url.get_driver_name(), opts, set(sa_url.query))

@@ -255,38 +255,48 @@ def sync_section(
             op = ops.get(scenario)
             if op is None:
                 continue
-            results[scenario] = {}
             for j in range(min(settings.warmup, 5 if scenario == "claim_many" else 10**9)):
                 op(10_000_000 + j)
-            for c in settings.concurrency:
-                progress.cell(f"{label} {scenario} c={c}")
-                seconds = settings.latency_seconds if c == 1 else settings.cell_seconds
-                try:
-                    results[scenario][str(c)] = sync_cell(
-                        _offset(op, c), c, seconds, settings.max_ops, c == 1
-                    )
-                except Exception as exc:
-                    results[scenario][str(c)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            results[scenario] = _sync_cells(op, settings, progress, f"{label} {scenario}")
         cpus = one_cpu() if settings.one_cpu else None
         if "first" in results and cpus is not None:
             # The same first calls with every thread on one CPU, on keys of their own.
-            first = ops["first"]
             pinned: dict[str, Any] = {"cpu": min(cpus)}
-            for c in settings.concurrency:
-                progress.cell(f"{label} first c={c}, one CPU")
-                seconds = settings.latency_seconds if c == 1 else settings.cell_seconds
-                try:
-                    pinned[str(c)] = sync_cell(
-                        _offset(first, 100 + c), c, seconds, settings.max_ops, False, cpus
-                    )
-                except Exception as exc:
-                    pinned[str(c)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            pinned.update(
+                _sync_cells(ops["first"], settings, progress, f"{label} first, one CPU", cpus)
+            )
             results["first_one_cpu"] = pinned
     finally:
         if release is not None:
             release()
         rig.close()
     return results, count_sync(make, tag + "n", settings)
+
+
+def _sync_cells(
+    op: Callable[[int], Any],
+    settings: Settings,
+    progress: Progress,
+    label: str,
+    cpus: set[int] | None = None,
+) -> dict[str, Any]:
+    """{concurrency: cell} of one op; pinned cells (``cpus``) use keys of their own."""
+    cells: dict[str, Any] = {}
+    for c in settings.concurrency:
+        progress.cell(f"{label} c={c}")
+        seconds = settings.latency_seconds if c == 1 else settings.cell_seconds
+        try:
+            cells[str(c)] = sync_cell(
+                _offset(op, c if cpus is None else 100 + c),
+                c,
+                seconds,
+                settings.max_ops,
+                c == 1 and cpus is None,
+                cpus,
+            )
+        except Exception as exc:
+            cells[str(c)] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    return cells
 
 
 def _offset(op: Callable[[int], Any], c: int) -> Callable[[int], Any]:

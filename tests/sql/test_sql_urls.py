@@ -4,14 +4,15 @@ Unknown query parameters, a bad port, bad numbers and pool settings are a
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
 import pytest
-from idem_sql.backend import CONNECT_TIMEOUT, READ_TIMEOUT
+from idem_sql.backend import CONNECT_TIMEOUT, READ_TIMEOUT, SQLITE_POOL_SIZE
 
 from idem_core.errors import ConfigurationError
-from idem_core.record import ClaimRequest
+from idem_core.record import ClaimOutcome, ClaimRequest
 from idem_core.registry import open_async_store, open_store
 
 OPENERS = [open_store, open_async_store]
@@ -91,12 +92,6 @@ def req() -> ClaimRequest:
 def test_a_sqlite_file_keeps_a_connection_for_each_of_many_threads(tmp_path: Any) -> None:
     """Up to 64 connections to a SQLite file (a thread waiting on SQLAlchemy's 5 cost more
     than a connection), opened as threads need them; ``pool_size`` still decides."""
-    import threading
-
-    from idem_sql.backend import SQLITE_POOL_SIZE
-
-    from idem_core.record import ClaimOutcome
-
     store = open_store(f"sqlite:///{tmp_path}/many.db")
     given = open_store(f"sqlite:///{tmp_path}/many.db?pool_size=3")
     try:
